@@ -17,6 +17,7 @@ def load_script(relpath):
     name = "script_" + path.stem.replace("-", "_")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so multiprocessing can pickle its functions by name
     spec.loader.exec_module(module)
     return module
 

@@ -1,0 +1,602 @@
+"""Stage 2, step 1: Criteo-format train/val/test files - a subset of real Criteo, or synthetic.
+
+What you learn here: the Criteo Display Ads format (label, I1-I13 integer counts, C1-C26 hashed
+categoricals, tab-separated, empty = missing), random vs time-ordered splits (Criteo is
+chronological: a random split leaks the future), and - with --synthetic - data drawn from a
+known click model, so every later experiment can be measured against the best possible score
+(the oracle's AUC and log loss) instead of against a leaderboard.
+
+Run:    python stage2_ctr/01_make_subset.py --synthetic 200000              # no download needed
+        python stage2_ctr/01_make_subset.py --input train.txt --rows 2000000 --split time
+        python stage2_ctr/01_make_subset.py --input day_0.gz --sample-rate 0.05
+Writes: <out-dir>/{train,val,test}.txt (+ with --synthetic: {split}.oracle.npy and meta.json)
+        default out-dir: stage2_ctr/data/synthetic or stage2_ctr/data/subset
+
+The synthetic click model (all parameters drawn from --seed):
+  logit = bias + sum_f w_f[x_f]                          first order (every field)
+        + sum_{i<j} <v_i[x_i], v_j[x_j]>                 pairwise, factorized (FM-like), k = 4
+        + sum_{(a,b,c)} g * e_a[x_a] e_b[x_b] e_c[x_c]   a few third-order crosses (DCN-like)
+  p = sigmoid(logit), the bias found by bisection so that mean(p) = --ctr; label ~ Bernoulli(p).
+Dense fields enter through z = (log I - mu) / sigma (0 when missing): w_j z and v_j z.
+With --tasks 2 a second label ("conversion") follows the first: its logit mixes the click
+signal with an independent one, s2 = rho * s1 + sqrt(1 - rho^2) * s_own (--task-corr rho).
+Column layout: label [label2] I1..I13 C1..C26 (40 or 41 tab-separated fields).
+"""
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+N_DENSE, N_SPARSE = 13, 26
+U64 = np.uint64
+DOWNLOAD_HELP = """no input file. Real Criteo data is not downloaded by this project:
+  - Kaggle Display Advertising Challenge: dac.tar.gz (train.txt 45,840,617 rows, ~11 GB),
+    from https://ailab.criteo.com/ressources/ (or Kaggle's "criteo-display-ad-challenge")
+  - Criteo 1TB click logs: day_0.gz ... day_23.gz, from the same page
+Then: python stage2_ctr/01_make_subset.py --input /path/to/train.txt --rows 2000000
+Or, with no download: python stage2_ctr/01_make_subset.py --synthetic 200000"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", help="real Criteo files (plain or .gz), read in order")
+    p.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic rows instead")
+    p.add_argument("--rows", type=int, help="real data: keep the first N rows")
+    p.add_argument("--sample-rate", type=float, help="real data: keep each row with prob. p")
+    p.add_argument("--split", choices=["random", "time"], default="random",
+                   help="random = seeded 8:1:1 per row; time = last 10%% val, then 10%% test")
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--out-dir", help="output folder (default stage2_ctr/data/synthetic|subset)")
+    p.add_argument("--seed", type=int, default=0, help="split, sampling and generator seed")
+    p.add_argument("--ctr", type=float, default=0.25, help="synthetic: target click rate")
+    p.add_argument("--tasks", type=int, choices=[1, 2], default=1,
+                   help="synthetic: 2 adds a conversion label after the click label")
+    p.add_argument("--task-corr", type=float, default=0.5,
+                   help="synthetic, --tasks 2: correlation rho of the two tasks' signals")
+    p.add_argument("--ctr2", type=float, default=0.1, help="synthetic: second task's rate")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="synthetic: scale of the pairwise + third-order terms (0 = first order)")
+    p.add_argument("--chunk-rows", type=int, default=16384,
+                   help="synthetic: rows per chunk (small chunks stay in the CPU cache)")
+    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+                   help="synthetic: processes generating chunks in parallel")
+    args = p.parse_args(argv)
+    if args.synthetic is None and not args.input:
+        p.error(DOWNLOAD_HELP)
+    if args.synthetic is not None and args.synthetic < 1:
+        p.error("--synthetic N needs N >= 1")
+    if args.sample_rate is not None and not 0 < args.sample_rate <= 1:
+        p.error("--sample-rate must be in (0, 1]")
+    if not 0 < args.ctr < 1 or not 0 < args.ctr2 < 1:
+        p.error("--ctr and --ctr2 must be in (0, 1)")
+    if not -1 <= args.task_corr <= 1:
+        p.error("--task-corr must be in [-1, 1]")
+    if args.val_frac < 0 or args.test_frac < 0 or args.val_frac + args.test_frac >= 1:
+        p.error("--val-frac and --test-frac must be >= 0 and sum to < 1")
+    if args.split == "time" and args.input and args.rows is None and args.sample_rate:
+        pass  # a counting pass finds the row count first
+    return args
+
+
+# ------------------------------------------------------------------------- the click model
+class ClickModel:
+    """The planted model: feature distributions from `seed`, weight tables from `weight_seed`
+    (a second task shares the features and draws its own weights)."""
+
+    def __init__(self, seed, strength=1.0, k=4, weight_seed=None):
+        rng = np.random.default_rng([seed, 1])
+        self.k = k
+        # vocabularies from 3 to 10^6 values per field, in a shuffled order
+        self.vocab = rng.permutation(np.round(np.geomspace(3, 1e6, N_SPARSE)).astype(np.int64))
+        self.cat_missing = rng.choice([0.0, 0.0, 0.0, 0.02, 0.1, 0.3], N_SPARSE)
+        self.log_vocab = np.log(self.vocab + 1.0).astype(np.float32)
+        self.cat_missing = self.cat_missing.astype(np.float32)
+        self.dense_mu = rng.uniform(0.0, 4.0, N_DENSE).astype(np.float32)
+        self.dense_sigma = rng.uniform(0.8, 2.0, N_DENSE).astype(np.float32)
+        self.dense_missing = rng.choice([0.0, 0.0, 0.05, 0.2, 0.45], N_DENSE).astype(np.float32)
+        self.hex_salt = rng.integers(0, 2**63)
+        if weight_seed is not None:
+            rng = np.random.default_rng([weight_seed, 1])
+        # first order: larger weights on the small-vocabulary fields (learnable ones)
+        scale1 = 0.45 / np.sqrt(np.log10(self.vocab) + 1)
+        self.w_cat = [rng.normal(0, s, v + 1).astype(np.float32)  # row v = missing
+                      for s, v in zip(scale1, self.vocab)]
+        self.w_dense = rng.normal(0, 0.15, N_DENSE).astype(np.float32)
+        # pairwise: latent vectors for a subset of fields (small and medium vocabularies)
+        order = np.argsort(self.vocab)
+        self.pair_fields = np.sort(order[:14])
+        sv = np.sqrt(strength) * 0.42 / np.sqrt(k)
+        self.v_cat = {f: rng.normal(0, sv, (self.vocab[f] + 1, k)).astype(np.float32)
+                      for f in self.pair_fields}
+        self.v_dense = rng.normal(0, sv, (N_DENSE, k)).astype(np.float32)
+        # third order: three triples of fields with scalar embeddings
+        self.triples = [tuple(sorted(rng.choice(order[:10], 3, replace=False)))
+                        for _ in range(3)]
+        self.gamma = strength * 0.3
+        self.e_cat = {f: rng.normal(0, 1, self.vocab[f] + 1).astype(np.float32)
+                      for f in {f for t in self.triples for f in t}}
+
+    def draw_features(self, rng, n):
+        """Ranks (n, 26) with -1 = missing, dense ints (n, 13) with a missing mask, and z."""
+        # one uniform per cell: below the field's missing rate -> missing, else rescaled into a
+        # Zipf-like (log-uniform) rank: rank = floor(V^u) - 1, so head values dominate
+        u = rng.random((n, N_SPARSE), dtype=np.float32)
+        missing = u < self.cat_missing
+        u = (u - self.cat_missing) / (1 - self.cat_missing)
+        ranks = (np.exp(u * self.log_vocab) - 1).astype(np.int64)
+        ranks = np.minimum(ranks, self.vocab - 1)
+        ranks[missing] = -1
+        z = rng.standard_normal((n, N_DENSE), dtype=np.float32)
+        dense = np.exp(self.dense_mu + self.dense_sigma * z).astype(np.int64)
+        dense = np.minimum(dense, 99_999_999_999)  # 11 digits at most
+        neg = rng.random(n, dtype=np.float32) < 0.03  # I2 is -1, -2, -3 now and then
+        dense[neg, 1] = -rng.integers(1, 4, neg.sum())
+        dense_missing = rng.random((n, N_DENSE), dtype=np.float32) < self.dense_missing
+        z[dense_missing | (dense < 0)] = 0
+        return ranks, dense, dense_missing, z
+
+    def logit_parts(self, ranks, z):
+        """(first order, pairwise, third order) contributions per row, without the bias."""
+        idx = np.where(ranks < 0, self.vocab, ranks)  # missing -> its own row
+        first = z @ self.w_dense
+        for f in range(N_SPARSE):
+            first += self.w_cat[f][idx[:, f]]
+        # FM identity: sum_{i<j} <v_i, v_j> = 1/2 sum_k [ (sum_i v_ik)^2 - sum_i v_ik^2 ]
+        v_sum = z @ self.v_dense  # dense fields: v_j * z_j
+        v_sq = (z * z) @ (self.v_dense ** 2)
+        for f in self.pair_fields:
+            v = self.v_cat[f][idx[:, f]]
+            v_sum += v
+            v_sq += v * v
+        pair = 0.5 * (v_sum * v_sum - v_sq).sum(1)
+        third = np.zeros(len(z), np.float32)
+        for a, b, c in self.triples:
+            third += self.gamma * (self.e_cat[a][idx[:, a]] * self.e_cat[b][idx[:, b]]
+                                   * self.e_cat[c][idx[:, c]])
+        return first, pair, third
+
+    def hex_of(self, field, ranks):
+        """The 8-hex-char value of (field, rank) as a uint32: a stable hash, like Criteo's."""
+        x = (U64(field) << U64(40)) ^ ranks.astype(U64) ^ U64(self.hex_salt)
+        x = x * U64(0x9E3779B97F4A7C15)
+        x = x ^ (x >> U64(29))
+        x = x * U64(0xBF58476D1CE4E5B9)
+        return (x >> U64(32)).astype(np.uint32)
+
+    def hex_word_tables(self):
+        """Per field: rank -> its 8 hex chars as one little-endian uint64 word, so formatting
+        a row is a table lookup (popular ranks stay in cache)."""
+        tables = []
+        for f, v in enumerate(self.vocab):
+            h = self.hex_of(f, np.arange(v))
+            tables.append(HEX4[h >> np.uint32(16)].astype(U64)
+                          | (HEX4[h & np.uint32(0xFFFF)].astype(U64) << U64(32)))
+        return tables
+
+
+def calibrate_bias(signal, target):
+    """Bisection on b so that mean(sigmoid(signal + b)) = target."""
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if np.mean(1 / (1 + np.exp(-(signal + mid)))) > target:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
+
+
+class Generator:
+    """Draws rows chunk by chunk; the same seed gives the same rows in the same order."""
+
+    def __init__(self, args):
+        self.args, self.tasks = args, args.tasks
+        self.model = ClickModel(args.seed, args.strength)
+        self.hex_words = self.model.hex_word_tables()
+        cal = np.random.default_rng([args.seed, 3])
+        ranks, _, _, z = self.model.draw_features(cal, 100_000)
+        parts = self.model.logit_parts(ranks, z)
+        self.bias = calibrate_bias(sum(parts), args.ctr)
+        self.signal_std = float(np.std(sum(parts)))
+        if self.tasks == 2:  # the second task's own signal: another model of the same shape
+            self.model2 = ClickModel(args.seed, args.strength, weight_seed=args.seed + 10_000)
+            own = sum(self.model2.logit_parts(ranks, z))
+            self.own_scale = self.signal_std / float(np.std(own))
+            s2 = self._mix(sum(parts) - sum(parts).mean(), own - own.mean())
+            self.bias2 = calibrate_bias(s2, args.ctr2)
+
+    def _mix(self, s1, own):
+        rho = self.args.task_corr
+        return rho * s1 + np.sqrt(1 - rho ** 2) * own * self.own_scale
+
+    def hex_words_of(self, ranks):
+        words = np.zeros(ranks.shape, U64)
+        for f in range(N_SPARSE):
+            words[:, f] = self.hex_words[f][np.maximum(ranks[:, f], 0)]
+        return words
+
+    def chunk(self, index, n):
+        """Chunk number `index` (its own seeded stream, so chunks can be drawn in parallel and
+        in any order): dict of labels (n, T) int8, oracle (n, T) float32, the raw features, and
+        the first-order part of the logit (to show what the crosses are worth)."""
+        rng = np.random.default_rng([self.args.seed, 2, index])
+        ranks, dense, dense_missing, z = self.model.draw_features(rng, n)
+        first, pair, third = self.model.logit_parts(ranks, z)
+        s1 = first + pair + third
+        probs = [1 / (1 + np.exp(-(s1 + self.bias)))]
+        if self.tasks == 2:
+            own = sum(self.model2.logit_parts(ranks, z))
+            probs.append(1 / (1 + np.exp(-(self._mix(s1, own) + self.bias2))))
+        oracle = np.stack(probs, 1).astype(np.float32)
+        labels = (rng.random(oracle.shape, dtype=np.float32) < oracle).astype(np.int8)
+        return {"labels": labels, "oracle": oracle, "ranks": ranks, "dense": dense,
+                "dense_missing": dense_missing, "hex_words": self.hex_words_of(ranks),
+                "first_order_logit": first}
+
+
+def _ascii_table(n_chars, base):
+    """TABLE[v] = the n_chars digits of v in `base` as ASCII bytes packed in a uint32
+    (first char in the lowest byte, so the uint32 viewed as bytes reads left to right)."""
+    v = np.arange(base ** n_chars)
+    chars = np.stack([(v // base ** (n_chars - 1 - i)) % base for i in range(n_chars)], 1)
+    ascii_ = np.frombuffer(b"0123456789abcdef", np.uint8)[chars].astype(np.uint32)
+    return (ascii_ << (8 * np.arange(n_chars, dtype=np.uint32))).sum(1).astype(np.uint32)
+
+
+DEC4 = _ascii_table(4, 10)    # 0000 .. 9999
+HEX4 = _ascii_table(4, 16)    # 0000 .. ffff
+POW10 = 10 ** np.arange(13, dtype=np.int64)
+# "x\t" for 0 <= x < 10^5 as a little-endian word, and its digit count
+SMALL_INT_LEN = np.ones(100_000, np.int32) + sum(np.arange(100_000) >= 10 ** d for d in range(1, 5))
+SMALL_INT_WORD = np.array([int.from_bytes(f"{x}\t".encode(), "little") for x in range(100_000)],
+                          dtype=U64)
+def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts=False):
+    """Criteo TSV bytes for n rows without any per-row Python or string formatting.
+
+    Each field becomes its first 8 bytes packed in a uint64 `lo` (its trailing tab included when
+    it fits) and a length L. A field's output offset is the running sum of L; the `lo` words are
+    stored in field order through an unaligned uint64 view of the output, so what spills past a
+    field's end is overwritten by the next field's store. The 9th-12th bytes of longer fields
+    (8 hex chars + tab, 8+ digit numbers) are then set one byte column at a time.
+    Digits and hex chars come 4 at a time from lookup tables."""
+    n, n_labels = labels.shape
+    tab = U64(ord("\t"))
+    i0, c0 = n_labels, n_labels + N_DENSE  # first integer / categorical column
+    lo = np.empty((n, c0 + N_SPARSE), U64)
+    length = np.empty((n, c0 + N_SPARSE), np.int32)
+    # labels: "0\t" or "1\t"
+    lo[:, :i0] = (labels.astype(U64) + U64(ord("0"))) | (tab << U64(8))
+    length[:, :i0] = 2
+    # integers: below 10^5 (nearly all) one lookup gives "digits\t" as a word; the rest:
+    # left-align the digits (x * 10^(12 - digits)) and take 3 lookups of 4 digits
+    small = (dense >= 0) & (dense < len(SMALL_INT_WORD))
+    lo[:, i0:c0] = SMALL_INT_WORD[np.where(small, dense, 0)]
+    n_chars = SMALL_INT_LEN[np.where(small, dense, 0)]
+    r, c = np.nonzero(~small & ~dense_missing)
+    mag = np.abs(dense[r, c])
+    n_digits = np.ones(len(mag), np.int64)
+    for d in range(1, 12):
+        n_digits += mag >= 10 ** d
+    left = mag * POW10[12 - n_digits]
+    big_lo = DEC4[left // 100_000_000].astype(U64) | (
+        DEC4[left // 10_000 % 10_000].astype(U64) << U64(32))
+    big_hi = DEC4[left % 10_000].astype(U64)
+    neg = dense[r, c] < 0  # I2: shift one byte right and put '-' first
+    big_hi = np.where(neg, (big_hi << U64(8)) | (big_lo >> U64(56)), big_hi)
+    big_lo = np.where(neg, (big_lo << U64(8)) | U64(ord("-")), big_lo)
+    n_digits += neg
+    sh = (np.minimum(n_digits, 7) * 8).astype(U64)  # the tab, when it fits in lo
+    big_lo = np.where(n_digits < 8, (big_lo & ((U64(1) << sh) - U64(1))) | (tab << sh), big_lo)
+    lo[r, c + i0] = big_lo
+    n_chars[r, c] = n_digits
+    lo[:, i0:c0][dense_missing] = tab
+    n_chars[dense_missing] = 0
+    length[:, i0:c0] = n_chars + 1
+    # categoricals: 8 lowercase hex chars then a tab (newline after C26); missing: tab alone
+    lo[:, c0:] = hex_words
+    lo[:, c0:][cat_missing] = tab
+    lo[:, -1][cat_missing[:, -1]] = U64(ord("\n"))
+    length[:, c0:] = np.where(cat_missing, 1, 9)
+    # stores, in field order
+    length = length.ravel()
+    offset = np.cumsum(length, dtype=np.int64) - length
+    out = np.zeros(int(offset[-1] + length[-1]) + 16, np.uint8)
+    words = np.ndarray(shape=(len(out) - 7,), dtype=U64, buffer=out, strides=(1,))
+    words[offset] = lo.ravel()
+    offset = offset.reshape(n, -1)
+    cat_end = offset[:, c0:][~cat_missing] + 8
+    out[cat_end] = ord("\t")
+    out[offset[:, -1][~cat_missing[:, -1]] + 8] = ord("\n")
+    long = n_digits >= 8  # long numbers: bytes 8.. from big_hi, then the tab
+    r, c, n_digits, big_hi = r[long], c[long], n_digits[long], big_hi[long]
+    for j in range(4):
+        sel = n_digits >= 8 + j
+        byte = np.where(n_digits[sel] == 8 + j, ord("\t"), (big_hi[sel] >> U64(8 * j)) & U64(255))
+        out[offset[r[sel], c[sel] + i0] + 8 + j] = byte.astype(np.uint8)
+    if row_starts:  # byte offset where each row begins, and the total
+        return out[:-16].tobytes(), np.append(offset[:, 0], len(out) - 16)
+    return out[:-16].tobytes()
+
+
+# ---------------------------------------------------------------------------------- splitting
+def split_of(rng, n, start, total, args):
+    """Split id per row: 0 train, 1 val, 2 test. `start` = index of the chunk's first row."""
+    if args.split == "random":
+        return rng.choice(3, size=n, p=[1 - args.val_frac - args.test_frac, args.val_frac,
+                                        args.test_frac]).astype(np.int8)
+    idx = np.arange(start, start + n)
+    val_start = int(total * (1 - args.val_frac - args.test_frac))
+    test_start = int(total * (1 - args.test_frac))
+    return ((idx >= val_start).astype(np.int8) + (idx >= test_start)).astype(np.int8)
+
+
+class SplitWriter:
+    """Three output files written as .tmp and renamed at the end (atomic)."""
+    NAMES = ["train", "val", "test"]
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.files = [open(self.out_dir / f"{s}.txt.tmp", "wb") for s in self.NAMES]
+        self.rows = [0, 0, 0]
+        self.positives = [0, 0, 0]
+
+    def write(self, split, data, positives):
+        self.files[split].write(data)
+        self.positives[split] += positives
+
+    def close(self):
+        for f, s in zip(self.files, self.NAMES):
+            f.close()
+            os.replace(self.out_dir / f"{s}.txt.tmp", self.out_dir / f"{s}.txt")
+
+
+def save_npy_atomic(path, array):
+    tmp = Path(str(path) + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- synthetic
+_GENERATOR = None  # set before the worker pool forks, so workers share its tables
+
+
+def synthetic_segment(task):
+    """Worker: draw a run of consecutive chunks and append each split's rows to this segment's
+    own part files (big byte strings never cross a process boundary). Rows are ordered by split
+    before formatting, so each split's rows are one contiguous byte range."""
+    segment, chunks, out_dir = task
+    gen = _GENERATOR
+    files = [open(Path(out_dir) / f"{name}.txt.seg{segment:05d}", "wb")
+             for name in SplitWriter.NAMES]
+    keep = {s: {"labels": [], "oracle": [], "first": []} for s in range(3)}
+    for index, start, n in chunks:
+        c = gen.chunk(index, n)
+        split = split_of(np.random.default_rng([gen.args.seed, 4, index]), n, start,
+                         gen.args.synthetic, gen.args)
+        order = np.argsort(split, kind="stable")
+        split = split[order]
+        data, row_at = format_rows(c["labels"][order], c["dense"][order],
+                                   c["dense_missing"][order], c["hex_words"][order],
+                                   c["ranks"][order] < 0, row_starts=True)
+        bounds = np.searchsorted(split, [0, 1, 2, 3])
+        for s in range(3):
+            lo, hi = bounds[s], bounds[s + 1]
+            if hi > lo:
+                files[s].write(data[row_at[lo]:row_at[hi]])
+                rows = order[lo:hi]
+                keep[s]["labels"].append(c["labels"][rows])
+                keep[s]["oracle"].append(c["oracle"][rows])
+                keep[s]["first"].append(c["first_order_logit"][rows])
+    for f in files:
+        f.close()
+    arrays = {s: {k: np.concatenate(v) for k, v in d.items()} for s, d in keep.items()
+              if d["labels"]}
+    return segment, sum(n for _, _, n in chunks), arrays
+
+
+def make_synthetic(args, out_dir):
+    global _GENERATOR
+    import multiprocessing as mp
+    import shutil
+    from sklearn.metrics import log_loss, roc_auc_score
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    gen = _GENERATOR = Generator(args)
+    writer = SplitWriter(out_dir)
+    chunks = [(i, start, min(args.chunk_rows, args.synthetic - start))
+              for i, start in enumerate(range(0, args.synthetic, args.chunk_rows))]
+    per_segment = max(1, min(16, len(chunks) // (4 * args.workers)))
+    segments = [(k, chunks[i:i + per_segment], str(writer.out_dir))
+                for k, i in enumerate(range(0, len(chunks), per_segment))]
+    workers = max(1, min(args.workers, len(segments)))
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    results = (pool.imap_unordered(synthetic_segment, segments) if pool
+               else map(synthetic_segment, segments))
+    done = {}
+    with tqdm(total=args.synthetic, unit=" rows", unit_scale=True, desc="generating") as bar:
+        for segment, n, arrays in results:
+            done[segment] = arrays
+            bar.update(n)
+    if pool:
+        pool.close()
+        pool.join()
+    # stitch the segments in order: the output is the same for any number of workers
+    oracles, labels_all, first_all = [[], [], []], [[], [], []], [[], [], []]
+    for segment in range(len(segments)):
+        for s, name in enumerate(SplitWriter.NAMES):
+            part = writer.out_dir / f"{name}.txt.seg{segment:05d}"
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, writer.files[s], 16 << 20)
+            part.unlink()
+            if s in done[segment]:
+                a = done[segment][s]
+                writer.rows[s] += len(a["labels"])
+                writer.positives[s] += int(a["labels"][:, 0].sum())
+                labels_all[s].append(a["labels"])
+                oracles[s].append(a["oracle"])
+                first_all[s].append(a["first"])
+    writer.close()
+    seconds = time.perf_counter() - t0
+
+    report = {}
+    for s, name in enumerate(SplitWriter.NAMES):
+        if not oracles[s]:
+            continue
+        oracle = np.concatenate(oracles[s])
+        y = np.concatenate(labels_all[s]).astype(np.float32)
+        save_npy_atomic(Path(out_dir) / f"{name}.oracle.npy",
+                        oracle[:, 0] if args.tasks == 1 else oracle)
+        r = {"rows": int(len(y)), "positive_rate": y.mean(0).round(4).tolist()}
+        if len(np.unique(y[:, 0])) == 2:
+            r["oracle_auc"] = [float(roc_auc_score(y[:, t], oracle[:, t]))
+                               for t in range(args.tasks)]
+            r["oracle_logloss"] = [float(log_loss(y[:, t], oracle[:, t], labels=[0, 1]))
+                                   for t in range(args.tasks)]
+            # the same labels scored by the first-order part alone: what LR could reach at best
+            r["oracle_auc_first_order_only"] = float(
+                roc_auc_score(y[:, 0], np.concatenate(first_all[s])))
+        report[name] = r
+    meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "synthetic",
+            "config": {k: v for k, v in vars(args).items()},
+            "columns": (["label"] + (["label2"] if args.tasks == 2 else [])
+                        + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]),
+            "generator": {"vocab_sizes": gen.model.vocab.tolist(),
+                          "pair_fields": [f"C{f + 1}" for f in gen.model.pair_fields],
+                          "triples": [[f"C{f + 1}" for f in t] for t in gen.model.triples],
+                          "bias": gen.bias, "signal_std": gen.signal_std, "k": gen.model.k},
+            "splits": report, "rows_per_s": args.synthetic / seconds, "seconds": seconds}
+    write_meta(Path(out_dir) / "meta.json", meta)
+    return meta
+
+
+def write_meta(path, meta):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- real files
+def open_any(path):
+    path = Path(path)
+    if not path.exists() or path.is_dir():
+        sys.exit(f"error: {path}: {'is a directory' if path.is_dir() else 'not found'}.\n"
+                 + DOWNLOAD_HELP)
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def iter_line_blocks(paths, chunk_bytes=16 << 20):
+    """Whole-line byte blocks from each file in turn (the last line may lack its newline)."""
+    for path in paths:
+        with open_any(path) as f:
+            carry = b""
+            try:
+                while True:
+                    data = f.read(chunk_bytes)
+                    if not data:
+                        if carry:
+                            yield path, carry + b"\n", len(carry)
+                        break
+                    buf = carry + data
+                    cut = buf.rfind(b"\n") + 1
+                    carry = buf[cut:]
+                    if cut:
+                        yield path, buf[:cut], len(data)
+            except (EOFError, OSError) as e:
+                sys.exit(f"error: {path}: truncated or corrupt gzip ({e})")
+
+
+def count_rows(paths):
+    return sum(block.count(b"\n") for _, block, _ in iter_line_blocks(paths))
+
+
+def make_subset(args, out_dir):
+    """Stream real files: keep the first --rows and/or a --sample-rate share, split, write."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    rng = np.random.default_rng([args.seed, 5])
+    total = None
+    if args.split == "time":  # the split points need the row count first
+        total = args.rows if args.rows and not args.sample_rate else None
+        if total is None:
+            print("time split: counting rows first ...")
+            kept = count_rows(args.input)
+            total = min(kept, args.rows or kept)
+            if args.sample_rate:
+                total = int(total * args.sample_rate)  # expected; the split uses this estimate
+    writer = SplitWriter(out_dir)
+    size = sum(os.path.getsize(p) for p in args.input)
+    seen = kept = 0
+    with tqdm(total=size, unit="B", unit_scale=True, desc="reading") as bar:
+        for path, block, n_bytes in iter_line_blocks(args.input):
+            bar.update(n_bytes)
+            arr = np.frombuffer(block, np.uint8)
+            ends = np.flatnonzero(arr == 10) + 1
+            begins = np.concatenate([[0], ends[:-1]])
+            keep = np.ones(len(ends), bool)
+            if args.sample_rate:
+                keep &= rng.random(len(ends)) < args.sample_rate
+            if args.rows:
+                room = args.rows - kept
+                keep &= np.cumsum(keep) <= room
+            seen += len(ends)
+            sel = np.flatnonzero(keep)
+            split = split_of(rng, len(sel), kept, total or 0, args)
+            for s in range(3):
+                rows = sel[split == s]
+                if len(rows) == 0:
+                    continue
+                lengths = ends[rows] - begins[rows]
+                within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths,
+                                                              lengths)
+                data = arr[np.repeat(begins[rows], lengths) + within]
+                writer.write(s, data.tobytes(), int((arr[begins[rows]] == ord("1")).sum()))
+                writer.rows[s] += len(rows)
+            kept += len(sel)
+            if args.rows and kept >= args.rows:
+                break
+    writer.close()
+    report = {name: {"rows": writer.rows[s],
+                     "positive_rate": writer.positives[s] / max(writer.rows[s], 1)}
+              for s, name in enumerate(SplitWriter.NAMES)}
+    meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "subset",
+            "config": vars(args), "rows_read": seen, "splits": report,
+            "seconds": time.perf_counter() - t0}
+    write_meta(Path(out_dir) / "meta.json", meta)
+    return meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir) if args.out_dir else HERE / "data" / (
+        "synthetic" if args.synthetic else "subset")
+    if args.synthetic:
+        meta = make_synthetic(args, out_dir)
+        print(f"generated {args.synthetic:,} rows in {meta['seconds']:.1f} s "
+              f"({meta['rows_per_s']:,.0f} rows/s), {args.split} split, seed {args.seed}")
+    else:
+        meta = make_subset(args, out_dir)
+        print(f"read {meta['rows_read']:,} rows in {meta['seconds']:.1f} s")
+    for name, r in meta["splits"].items():
+        line = f"{name:<6}{r['rows']:>12,} rows  positive rate {r['positive_rate']}"
+        if "oracle_auc" in r:
+            line += (f"  oracle AUC {r['oracle_auc'][0]:.4f} logloss {r['oracle_logloss'][0]:.4f}"
+                     f"  (first-order part alone: AUC {r['oracle_auc_first_order_only']:.4f})")
+        print(line)
+    print(f"wrote {out_dir}/{{train,val,test}}.txt"
+          + (", *.oracle.npy, meta.json" if args.synthetic else ", meta.json"))
+    return meta
+
+
+if __name__ == "__main__":
+    main()
