@@ -1,0 +1,177 @@
+"""Stage 2, step 4: every CTR model on the same data and budget - what do explicit crosses buy?
+
+What you learn here: on data with planted pairwise and third-order crosses (01 --synthetic), LR
+can only learn the first-order part, FM adds the pairwise part, and the deep models add what is
+left; the oracle line shows how far each stays from the best possible. The learning curve shows
+the gap shrinking as training rows grow. Same seeds, same data, same epochs for every model.
+
+Run:    python stage2_ctr/03_compare_models.py                      # ~25 min on 2 CPU cores
+        python stage2_ctr/03_compare_models.py --quick              # ~2 min, a smoke test
+Reads:  stage2_ctr/data/compare_<rows>/ (made here with 01_make_subset.py when missing)
+Writes: results/stage2_models.md, results/stage2_models.png, results/stage2_learning_curve.png,
+        runs/cmp_*/metrics.json
+"""
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def load_trainer():
+    spec = importlib.util.spec_from_file_location("train_ctr", HERE / "train_ctr.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="lr,fm,dnn,deepfm,dcn,dcnv2")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows (8:1:1 split)")
+    p.add_argument("--curve-rows", default="500000,2000000",
+                   help="training-set sizes of the learning curve ('' to skip)")
+    p.add_argument("--curve-models", default="lr,deepfm", help="models on the learning curve")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--emb-dim", type=int, default=16)
+    p.add_argument("--mlp", default="256,128")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    p.add_argument("--num-workers", type=int, default=1, help="loader workers per training")
+    p.add_argument("--quick", action="store_true", help="60k rows, 1 seed, no curve")
+    p.add_argument("--out-dir", default=str(ROOT / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.seeds, args.curve_rows = 60_000, "0", ""
+    args.model_list = [m for m in args.models.split(",") if m]
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    args.curve_list = [int(r) for r in args.curve_rows.split(",") if r]
+    return args
+
+
+def dataset(total_rows):
+    """stage2_ctr/data/compare_<rows>: made once with the default generator settings."""
+    folder = HERE / "data" / f"compare_{total_rows}"
+    if not (folder / "meta.json").exists():
+        subprocess.run([sys.executable, str(HERE / "01_make_subset.py"), "--synthetic",
+                        str(total_rows), "--out-dir", str(folder)], check=True)
+    return folder
+
+
+def train(trainer, folder, model, seed, args, tag):
+    return trainer.run(["--model", model, "--seed", str(seed), "--train", str(folder / "train.txt"),
+                        "--val", str(folder / "val.txt"), "--test", str(folder / "test.txt"),
+                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                        "--lr", str(args.lr), "--emb-dim", str(args.emb_dim), "--mlp", args.mlp,
+                        "--threads", str(args.threads), "--num-workers", str(args.num_workers),
+                        "--eval-every", "0", "--run-name", f"cmp_{tag}_{model}_s{seed}",
+                        "--quiet"])
+
+
+def mean_std(xs, fmt="{:.4f}"):
+    sd = statistics.pstdev(xs) if len(xs) > 1 else 0.0
+    return (fmt + " ± " + fmt).format(statistics.mean(xs), sd)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    trainer = load_trainer()
+    t0 = time.perf_counter()
+    folder = dataset(args.rows)
+    rows = []
+    for model in args.model_list:
+        runs = [train(trainer, folder, model, s, args, "main") for s in args.seed_list]
+        test = [r["splits"]["test"] for r in runs]
+        rows.append({"model": model, "auc": [t["auc"] for t in test],
+                     "logloss": [t["logloss"] for t in test],
+                     "gap": [t.get("auc_gap_to_oracle", float("nan")) for t in test],
+                     "samples_per_s": [r["train_samples_per_s"] for r in runs],
+                     "parameters": runs[0]["parameters"], "oracle": test[0].get("oracle")})
+        print(f"{model:<7} test AUC {mean_std(rows[-1]['auc'])}  logloss "
+              f"{mean_std(rows[-1]['logloss'])}  gap {mean_std(rows[-1]['gap'])}", flush=True)
+
+    curve = {}
+    for n in args.curve_list:
+        cfolder = dataset(int(n / 0.8))  # n training rows after the 8:1:1 split
+        for model in args.curve_models.split(","):
+            r = train(trainer, cfolder, model, 0, args, f"curve{n}")
+            curve.setdefault(model, []).append((n, r["splits"]["test"]["auc"]))
+            curve.setdefault("oracle", [])
+            if len(curve["oracle"]) < len(curve[model]):
+                curve["oracle"].append((n, r["splits"]["test"]["oracle"]["auc"]))
+            print(f"curve {n:>9,} rows {model:<7} test AUC {r['splits']['test']['auc']:.4f}",
+                  flush=True)
+    write_report(args, rows, curve, folder, time.perf_counter() - t0)
+
+
+def write_report(args, rows, curve, folder, seconds):
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((folder / "meta.json").read_text())
+    oracle = rows[0]["oracle"] or {}
+    lines = ["# Stage 2: CTR models on synthetic Criteo-format data", "",
+             f"{args.rows:,} synthetic rows (default generator: planted first-order, pairwise and "
+             f"third-order terms), split 8:1:1; {args.epochs} epoch(s), batch {args.batch_size}, "
+             f"lr {args.lr}, emb {args.emb_dim}, MLP {args.mlp}, hash 2^20, "
+             f"seeds {args.seeds}, CPU, {args.threads} thread(s). Test split: "
+             f"{meta['splits']['test']['rows']:,} rows.", "",
+             f"Oracle (the true click probability) on the test split: AUC "
+             f"{oracle.get('auc', float('nan')):.4f}, logloss "
+             f"{oracle.get('logloss', float('nan')):.4f}; its first-order part alone reaches AUC "
+             f"{meta['splits']['test'].get('oracle_auc_first_order_only', float('nan')):.4f}.",
+             "", "| model | test AUC | test logloss | AUC gap to oracle | train samples/s | "
+             "parameters |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {mean_std(r['auc'])} | {mean_std(r['logloss'])} | "
+                     f"{mean_std(r['gap'])} | {statistics.median(r['samples_per_s']):,.0f} | "
+                     f"{r['parameters']:,} |")
+    if curve:
+        lines += ["", "## Learning curve (seed 0): test AUC vs training rows", "",
+                  "| training rows | " + " | ".join(curve) + " |",
+                  "|---" * (len(curve) + 1) + "|"]
+        for i, (n, _) in enumerate(curve["oracle"]):
+            lines.append(f"| {n:,} | " + " | ".join(f"{curve[m][i][1]:.4f}" for m in curve) + " |")
+    lines += ["", f"Written by `python stage2_ctr/03_compare_models.py"
+              + (" --quick" if args.quick else f" --seeds {args.seeds}") + f"` in {seconds:.0f} s."]
+    (out / "stage2_models.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [r["model"] for r in rows]
+    ax.bar(names, [statistics.mean(r["auc"]) for r in rows],
+           yerr=[statistics.pstdev(r["auc"]) if len(r["auc"]) > 1 else 0 for r in rows],
+           capsize=3)
+    if oracle:
+        ax.axhline(oracle["auc"], color="k", ls="--", label="oracle")
+        ax.legend()
+    lo = min(statistics.mean(r["auc"]) for r in rows)
+    ax.set(ylim=(lo - 0.02, (oracle.get("auc") or 1) + 0.01), ylabel="test AUC",
+           title="CTR models, same data and budget")
+    fig.tight_layout()
+    fig.savefig(out / "stage2_models.png", dpi=100)
+    plt.close(fig)
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for m, pts in curve.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
+                    ls="--" if m == "oracle" else "-")
+        ax.set(xscale="log", xlabel="training rows", ylabel="test AUC", title="learning curve")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "stage2_learning_curve.png", dpi=100)
+        plt.close(fig)
+    print(f"wrote {out / 'stage2_models.md'} (+ PNGs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Logistic regression on hashed features: logit = b + sum_i w_i x_i + sum_f w[id_f].
+The baseline every CTR model must beat; it cannot see any interaction between fields."""
+import torch.nn as nn
+
+from .layers import FeatureLinear
+
+
+class LR(nn.Module):
+    def __init__(self, n_buckets, sparse=False, **_):
+        super().__init__()
+        self.linear = FeatureLinear(n_buckets, sparse)
+
+    def forward(self, dense, sparse):
+        return self.linear(dense, sparse)

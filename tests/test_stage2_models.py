@@ -1,0 +1,160 @@
+"""Stage 2 models and trainer: the layer math against naive loops, overfitting, sparse
+gradients, resume, DDP, bad flags."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, load_script
+
+sys.path.insert(0, str(ROOT / "stage2_ctr"))
+from models import MODELS, build_model  # noqa: E402
+from models.layers import CrossLayerV1, CrossLayerV2, fm_interaction  # noqa: E402
+
+make = load_script("stage2_ctr/01_make_subset.py")
+train_ctr = load_script("stage2_ctr/train_ctr.py")
+
+
+def test_fm_identity_equals_the_explicit_pairwise_sum():
+    emb = torch.randn(5, 7, 3, dtype=torch.float64)
+    naive = torch.zeros(5, dtype=torch.float64)
+    for i, j in itertools.combinations(range(7), 2):
+        naive += (emb[:, i] * emb[:, j]).sum(-1)
+    assert torch.allclose(fm_interaction(emb), naive)
+
+
+def test_cross_layers_equal_their_formulas():
+    torch.manual_seed(0)
+    x0, x = torch.randn(4, 6), torch.randn(4, 6)
+    v1 = CrossLayerV1(6)
+    with torch.no_grad():
+        v1.b.normal_()
+    expected = torch.stack([x0[n] * sum(x[n, k] * v1.w[k] for k in range(6)) + v1.b + x[n]
+                            for n in range(4)])
+    assert torch.allclose(v1(x0, x), expected, atol=1e-6)
+    v2 = CrossLayerV2(6)
+    W, b = v2.linear.weight, v2.linear.bias
+    expected = torch.stack([torch.stack([x0[n, i] * (sum(W[i, k] * x[n, k] for k in range(6))
+                                                     + b[i]) + x[n, i] for i in range(6)])
+                            for n in range(4)])
+    assert torch.allclose(v2(x0, x), expected, atol=1e-6)
+
+
+def tiny_batch(n=64, bits=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 13, generator=g), torch.randint(0, 2 ** bits, (n, 26), generator=g),
+            torch.randint(0, 2, (n,), generator=g).float())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_model_shape_and_overfits_64_rows(name):
+    torch.manual_seed(0)
+    dense, sparse, label = tiny_batch()
+    model = build_model(name, 2 ** 10, emb_dim=8, mlp=[32, 32], cross_layers=2)
+    assert model(dense, sparse).shape == (64,)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01 if name != "lr" else 0.1)
+    for _ in range(300):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, f"{name} did not overfit 64 rows: loss {loss.item():.3f}"
+
+
+def test_sparse_gradients_touch_only_the_rows_used():
+    dense, sparse, label = tiny_batch(8)
+    model = build_model("deepfm", 2 ** 10, emb_dim=4, mlp=[8], sparse=True)
+    torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label).backward()
+    grad = model.embedding.table.weight.grad
+    assert grad.is_sparse
+    touched = set(grad.coalesce().indices()[0].tolist())
+    assert touched == set(sparse.flatten().tolist())
+    before = model.embedding.table.weight.detach().clone()
+    opts = train_ctr.make_optimizers(model, train_ctr.parse_args([]), sparse=True)
+    for o in opts:
+        o.step()
+    changed = (model.embedding.table.weight != before).any(1).nonzero().flatten().tolist()
+    assert set(changed) == touched
+
+
+@pytest.fixture(scope="module")
+def ctr_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ctr")
+    make.main(["--synthetic", "6000", "--out-dir", str(out), "--workers", "1"])
+    return out
+
+
+def ctr_argv(data, tmp_path, *extra):
+    return ["--train", str(data / "train.txt"), "--val", str(data / "val.txt"), "--test",
+            str(data / "test.txt"), "--batch-size", "256", "--hash-bits", "12", "--emb-dim", "4",
+            "--mlp", "16,16", "--runs-dir", str(tmp_path), "--num-workers", "0", "--quiet",
+            "--threads", "1", *extra]
+
+
+@pytest.mark.parametrize("model", ["lr", "fm", "dnn", "deepfm", "dcn", "dcnv2"])
+def test_train_ctr_end_to_end(ctr_data, tmp_path, model):
+    m = train_ctr.run(ctr_argv(ctr_data, tmp_path, "--model", model, "--run-name", "r",
+                               "--epochs", "3", "--lr", "0.01", "--patience", "3"))
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["splits"]["test"]["rows"] == len(open(ctr_data / "test.txt").readlines())
+    assert "oracle" in saved["splits"]["test"] and 0.5 < saved["splits"]["test"]["auc"] < 1
+    for key in ["train_samples_per_s", "parameters", "peak_rss_mb", "wall_s", "config"]:
+        assert key in saved
+    assert (tmp_path / "r" / "curves.png").exists() and m["steps"] > 0
+
+
+def test_resume_reproduces_an_uninterrupted_run(ctr_data, tmp_path):
+    base = ctr_argv(ctr_data, tmp_path, "--model", "deepfm", "--epochs", "2", "--dropout",
+                    "0.1", "--ckpt-every", "5", "--shuffle-buffer", "1000")
+    full = train_ctr.run(base + ["--run-name", "full"])
+    # "kill" after 12 steps: run with --max-steps 12, then resume to the end
+    train_ctr.run(base + ["--run-name", "cut", "--max-steps", "12", "--patience", "99"])
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["steps"] == 12
+    (tmp_path / "cut" / "best.pt").unlink()
+    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 10  # the last checkpoint before the kill
+    resumed = train_ctr.run(base + ["--run-name", "cut", "--resume"])
+    assert resumed["steps"] == full["steps"]
+    assert resumed["splits"]["test"]["auc"] == pytest.approx(full["splits"]["test"]["auc"],
+                                                             abs=1e-6)
+
+
+def test_two_process_ddp_matches_single_process(ctr_data, tmp_path):
+    # same global batch (2 ranks x 256 = 512) and steps; the ranks read disjoint halves
+    argv = ctr_argv(ctr_data, tmp_path, "--model", "lr", "--epochs", "6", "--lr", "0.02",
+                    "--patience", "6")
+    single = train_ctr.run(argv + ["--run-name", "single", "--batch-size", "512"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                             "2", "--master_port", "29517", str(ROOT / "stage2_ctr/train_ctr.py"),
+                             *argv, "--run-name", "ddp"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2
+    assert ddp["splits"]["test"]["rows"] == single["splits"]["test"]["rows"]  # gathered
+    assert single["splits"]["test"]["auc"] > 0.6
+    assert abs(ddp["splits"]["test"]["auc"] - single["splits"]["test"]["auc"]) < 0.02
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "xgboost"], "invalid choice"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--hash-bits", "64"], "--hash-bits must be in"),
+    (["--mlp", "4OO"], "--mlp is a comma-separated"),
+    (["--dropout", "1.5"], "--dropout in [0, 1)"),
+])
+def test_bad_flags_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_ctr.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_data_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train_ctr.run(["--train", str(tmp_path / "none.txt"), "--runs-dir", str(tmp_path),
+                       "--quiet"])
+    assert "none.txt" in str(e.value) and "01_make_subset.py" in str(e.value)
