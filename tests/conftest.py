@@ -15,6 +15,8 @@ def load_script(relpath):
     """Import a script whose file name starts with a digit (01_..., 02_...)."""
     path = ROOT / relpath
     name = "script_" + path.stem.replace("-", "_")
+    if name in sys.modules:  # one module object per script, so pickling by name works
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # so multiprocessing can pickle its functions by name
