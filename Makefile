@@ -17,11 +17,12 @@ PYTHON_BOOTSTRAP ?= python3
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 2
 
-.PHONY: help venv demo stage0 stage1 test clean
+.PHONY: help venv demo stage0 stage1 stage2 test clean
 help:
 	@echo "make demo    run Stage 0 -> 1 on the shipped data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
-	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~10 min)"
+	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
+	@echo "make stage2  Stage 2 in full: loader benchmark and model comparison (~40 min)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
 
 # The venv is (re)built when requirements.txt changes; a stamp file records the last install.
@@ -38,9 +39,14 @@ stage0: venv
 	$(PY) envs/check_env.py
 
 demo: venv stage0
+	@echo "== Stage 1: UCI Adult, shared-bottom multi-task MLP =="
 	$(PY) stage1_adult/01_load_and_peek.py
 	$(PY) stage1_adult/02_preprocess.py
 	$(PY) stage1_adult/03_train_mtml.py --threads $(THREADS)
+	@echo "== Stage 2: Criteo-format CTR (synthetic data with a known optimum) =="
+	$(PY) stage2_ctr/01_make_subset.py --synthetic 200000
+	$(PY) stage2_ctr/02_dataloader.py stage2_ctr/data/synthetic/train.txt --report-collisions
+	$(PY) stage2_ctr/train_ctr.py --model deepfm --threads $(THREADS)
 	@echo "demo done: see runs/ for metrics.json and curves.png, README.md for what they mean"
 
 stage1: venv
@@ -48,6 +54,13 @@ stage1: venv
 	$(PY) stage1_adult/02_preprocess.py
 	$(PY) stage1_adult/02_preprocess.py --keep-leaky
 	$(PY) stage1_adult/04_mtml_tradeoff.py --threads $(THREADS)
+	$(PY) stage1_adult/05_what_matters.py --threads $(THREADS)
+
+stage2: venv
+	$(PY) stage2_ctr/01_make_subset.py --synthetic 2000000 --val-frac 0 --test-frac 0 \
+	    --out-dir stage2_ctr/data/bench2m
+	$(PY) stage2_ctr/02_dataloader.py --bench stage2_ctr/data/bench2m/train.txt
+	$(PY) stage2_ctr/03_compare_models.py --curve-rows 500000,2000000,8000000
 
 test: venv
 	$(PY) -m pytest -q tests

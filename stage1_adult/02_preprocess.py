@@ -135,6 +135,7 @@ def save_npz_atomic(path, arrays):
     os.close(fd)
     try:
         np.savez(tmp, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -146,6 +147,7 @@ def save_json_atomic(path, obj):
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
 
 

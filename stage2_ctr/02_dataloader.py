@@ -456,6 +456,7 @@ def write_json_atomic(path, obj):
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
 
 
@@ -686,7 +687,8 @@ def main(argv=None):
               f"{tuple(sparse.shape)} {sparse.dtype} (ids < 2^{args.hash_bits}), label "
               f"{tuple(label.shape)} {label.dtype}")
         print(f"read {rows:,} rows in {seconds:.2f} s = {rows / seconds:,.0f} rows/s "
-              f"({args.num_workers} workers, batch {args.batch_size})")
+              f"({args.num_workers} workers, batch {args.batch_size}); peak RSS "
+              f"{peak_rss_mb():,.0f} MiB (this process + finished workers)")
         if args.num_workers == 0 and not args.max_batches:
             print(f"bad rows skipped: {stream.stats['bad_rows']}")
         if args.report_collisions:

@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--curve-models", default="lr,deepfm", help="models on the learning curve")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lrs", default="0.002,0.01",
+                   help="learning rates tried per model on seed 0; the best on val is kept")
     p.add_argument("--emb-dim", type=int, default=16)
     p.add_argument("--mlp", default="256,128")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     args.model_list = [m for m in args.models.split(",") if m]
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     args.curve_list = [int(r) for r in args.curve_rows.split(",") if r]
+    args.lr_list = [float(x) for x in args.lrs.split(",") if x]
     return args
 
 
@@ -66,13 +68,13 @@ def dataset(total_rows):
     return folder
 
 
-def train(trainer, folder, model, seed, args, tag):
+def train(trainer, folder, model, seed, args, tag, lr):
     return trainer.run(["--model", model, "--seed", str(seed), "--train", str(folder / "train.txt"),
                         "--val", str(folder / "val.txt"), "--test", str(folder / "test.txt"),
                         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                        "--lr", str(args.lr), "--emb-dim", str(args.emb_dim), "--mlp", args.mlp,
+                        "--lr", str(lr), "--emb-dim", str(args.emb_dim), "--mlp", args.mlp,
                         "--threads", str(args.threads), "--num-workers", str(args.num_workers),
-                        "--eval-every", "0", "--run-name", f"cmp_{tag}_{model}_s{seed}",
+                        "--eval-every", "0", "--run-name", f"cmp_{tag}_{model}_lr{lr:g}_s{seed}",
                         "--quiet"])
 
 
@@ -87,10 +89,16 @@ def main(argv=None):
     t0 = time.perf_counter()
     folder = dataset(args.rows)
     rows = []
+    best_lr = {}
     for model in args.model_list:
-        runs = [train(trainer, folder, model, s, args, "main") for s in args.seed_list]
+        # the learning rate is chosen on validation (seed 0), never on test
+        tries = {lr: train(trainer, folder, model, args.seed_list[0], args, "main", lr)
+                 for lr in args.lr_list}
+        best_lr[model] = max(tries, key=lambda lr: tries[lr]["splits"]["val"]["auc"])
+        runs = [tries[best_lr[model]]] + [train(trainer, folder, model, s, args, "main",
+                                                best_lr[model]) for s in args.seed_list[1:]]
         test = [r["splits"]["test"] for r in runs]
-        rows.append({"model": model, "auc": [t["auc"] for t in test],
+        rows.append({"model": model, "lr": best_lr[model], "auc": [t["auc"] for t in test],
                      "logloss": [t["logloss"] for t in test],
                      "gap": [t.get("auc_gap_to_oracle", float("nan")) for t in test],
                      "samples_per_s": [r["train_samples_per_s"] for r in runs],
@@ -102,17 +110,25 @@ def main(argv=None):
     for n in args.curve_list:
         cfolder = dataset(int(n / 0.8))  # n training rows after the 8:1:1 split
         for model in args.curve_models.split(","):
-            r = train(trainer, cfolder, model, 0, args, f"curve{n}")
+            r = train(trainer, cfolder, model, args.seed_list[0], args, f"curve{n}",
+                      best_lr.get(model, args.lr_list[0]))
             curve.setdefault(model, []).append((n, r["splits"]["test"]["auc"]))
             curve.setdefault("oracle", [])
             if len(curve["oracle"]) < len(curve[model]):
                 curve["oracle"].append((n, r["splits"]["test"]["oracle"]["auc"]))
             print(f"curve {n:>9,} rows {model:<7} test AUC {r['splits']['test']['auc']:.4f}",
                   flush=True)
-    write_report(args, rows, curve, folder, time.perf_counter() - t0)
+    write_report(trainer, args, rows, curve, folder, time.perf_counter() - t0)
 
 
-def write_report(args, rows, curve, folder, seconds):
+def save_figure(fig, path):
+    """savefig to a temp name, then rename: no half-written PNG if interrupted."""
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+def write_report(trainer, args, rows, curve, folder, seconds):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((folder / "meta.json").read_text())
@@ -120,17 +136,17 @@ def write_report(args, rows, curve, folder, seconds):
     lines = ["# Stage 2: CTR models on synthetic Criteo-format data", "",
              f"{args.rows:,} synthetic rows (default generator: planted first-order, pairwise and "
              f"third-order terms), split 8:1:1; {args.epochs} epoch(s), batch {args.batch_size}, "
-             f"lr {args.lr}, emb {args.emb_dim}, MLP {args.mlp}, hash 2^20, "
+             f"learning rate per model picked on val from {args.lrs}, emb {args.emb_dim}, MLP {args.mlp}, hash 2^20, "
              f"seeds {args.seeds}, CPU, {args.threads} thread(s). Test split: "
              f"{meta['splits']['test']['rows']:,} rows.", "",
              f"Oracle (the true click probability) on the test split: AUC "
              f"{oracle.get('auc', float('nan')):.4f}, logloss "
              f"{oracle.get('logloss', float('nan')):.4f}; its first-order part alone reaches AUC "
              f"{meta['splits']['test'].get('oracle_auc_first_order_only', float('nan')):.4f}.",
-             "", "| model | test AUC | test logloss | AUC gap to oracle | train samples/s | "
-             "parameters |", "|---|---|---|---|---|---|"]
+             "", "| model | lr | test AUC | test logloss | AUC gap to oracle | train samples/s | "
+             "parameters |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {mean_std(r['auc'])} | {mean_std(r['logloss'])} | "
+        lines.append(f"| {r['model']} | {r['lr']:g} | {mean_std(r['auc'])} | {mean_std(r['logloss'])} | "
                      f"{mean_std(r['gap'])} | {statistics.median(r['samples_per_s']):,.0f} | "
                      f"{r['parameters']:,} |")
     if curve:
@@ -141,7 +157,7 @@ def write_report(args, rows, curve, folder, seconds):
             lines.append(f"| {n:,} | " + " | ".join(f"{curve[m][i][1]:.4f}" for m in curve) + " |")
     lines += ["", f"Written by `python stage2_ctr/03_compare_models.py"
               + (" --quick" if args.quick else f" --seeds {args.seeds}") + f"` in {seconds:.0f} s."]
-    (out / "stage2_models.md").write_text("\n".join(lines) + "\n")
+    trainer.atomic_write_text(out / "stage2_models.md", "\n".join(lines) + "\n")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -158,7 +174,7 @@ def write_report(args, rows, curve, folder, seconds):
     ax.set(ylim=(lo - 0.02, (oracle.get("auc") or 1) + 0.01), ylabel="test AUC",
            title="CTR models, same data and budget")
     fig.tight_layout()
-    fig.savefig(out / "stage2_models.png", dpi=100)
+    save_figure(fig, out / "stage2_models.png")
     plt.close(fig)
     if curve:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -168,7 +184,7 @@ def write_report(args, rows, curve, folder, seconds):
         ax.set(xscale="log", xlabel="training rows", ylabel="test AUC", title="learning curve")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "stage2_learning_curve.png", dpi=100)
+        save_figure(fig, out / "stage2_learning_curve.png")
         plt.close(fig)
     print(f"wrote {out / 'stage2_models.md'} (+ PNGs)")
 

@@ -190,6 +190,7 @@ def atomic_save(obj, path):
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -201,6 +202,7 @@ def atomic_write_text(path, text):
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
 
 
@@ -218,6 +220,7 @@ def plot_curves(history, path):
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=90)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
     os.replace(tmp, path)
     plt.close(fig)
 
