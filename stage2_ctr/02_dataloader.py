@@ -506,6 +506,7 @@ def parse_args(argv=None):
     p.add_argument("--bench-one", default=None, help=argparse.SUPPRESS)  # internal: one config
     p.add_argument("--repeats", type=int, default=3, help="bench: runs per config (median)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="bench: where metrics go")
     args = p.parse_args(argv)
     if not 1 <= args.hash_bits <= 40:
         p.error("--hash-bits must be in [1, 40]")
@@ -658,7 +659,7 @@ def bench(args):
                           "file_mib": size_mb, "cpus": os.cpu_count()},
                "results": results,
                "ratios": {"loader_vs_pandas": single / base, "workers2_vs_single": two / single}}
-    write_json_atomic(ROOT / "runs" / "bench_loader" / "metrics.json", metrics)
+    write_json_atomic(Path(args.runs_dir) / "bench_loader" / "metrics.json", metrics)
     print("wrote runs/bench_loader/metrics.json")
     return metrics
 

@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="lr,fm,dnn,deepfm,dcn,dcnv2")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows (8:1:1 split)")
+    p.add_argument("--rows", type=int, default=None,
+                   help="synthetic rows, split 8:1:1 (default 1,000,000; --quick: 60,000)")
     p.add_argument("--curve-rows", default="500000,2000000",
                    help="training-set sizes of the learning curve ('' to skip)")
     p.add_argument("--curve-models", default="lr,deepfm", help="models on the learning curve")
@@ -49,9 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=1, help="loader workers per training")
     p.add_argument("--quick", action="store_true", help="60k rows, 1 seed, no curve")
     p.add_argument("--out-dir", default=str(ROOT / "results"))
+    p.add_argument("--data-dir", default=str(HERE / "data"), help="where compare_<rows>/ goes")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs"))
     args = p.parse_args(argv)
     if args.quick:
-        args.rows, args.seeds, args.curve_rows = 60_000, "0", ""
+        args.seeds, args.curve_rows = "0", ""
+    args.rows = args.rows or (60_000 if args.quick else 1_000_000)
     args.model_list = [m for m in args.models.split(",") if m]
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     args.curve_list = [int(r) for r in args.curve_rows.split(",") if r]
@@ -59,9 +63,9 @@ def parse_args(argv=None):
     return args
 
 
-def dataset(total_rows):
-    """stage2_ctr/data/compare_<rows>: made once with the default generator settings."""
-    folder = HERE / "data" / f"compare_{total_rows}"
+def dataset(total_rows, data_dir):
+    """<data-dir>/compare_<rows>: made once with the default generator settings."""
+    folder = Path(data_dir) / f"compare_{total_rows}"
     if not (folder / "meta.json").exists():
         subprocess.run([sys.executable, str(HERE / "01_make_subset.py"), "--synthetic",
                         str(total_rows), "--out-dir", str(folder)], check=True)
@@ -74,7 +78,7 @@ def train(trainer, folder, model, seed, args, tag, lr):
                         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                         "--lr", str(lr), "--emb-dim", str(args.emb_dim), "--mlp", args.mlp,
                         "--threads", str(args.threads), "--num-workers", str(args.num_workers),
-                        "--eval-every", "0", "--run-name", f"cmp_{tag}_{model}_lr{lr:g}_s{seed}",
+                        "--eval-every", "0", "--runs-dir", args.runs_dir, "--run-name", f"cmp_{tag}_{model}_lr{lr:g}_s{seed}",
                         "--quiet"])
 
 
@@ -87,7 +91,7 @@ def main(argv=None):
     args = parse_args(argv)
     trainer = load_trainer()
     t0 = time.perf_counter()
-    folder = dataset(args.rows)
+    folder = dataset(args.rows, args.data_dir)
     rows = []
     best_lr = {}
     for model in args.model_list:
@@ -108,7 +112,7 @@ def main(argv=None):
 
     curve = {}
     for n in args.curve_list:
-        cfolder = dataset(int(n / 0.8))  # n training rows after the 8:1:1 split
+        cfolder = dataset(int(n / 0.8), args.data_dir)  # n training rows after the 8:1:1 split
         for model in args.curve_models.split(","):
             r = train(trainer, cfolder, model, args.seed_list[0], args, f"curve{n}",
                       best_lr.get(model, args.lr_list[0]))

@@ -158,3 +158,30 @@ def test_missing_data_is_one_line(tmp_path):
         train_ctr.run(["--train", str(tmp_path / "none.txt"), "--runs-dir", str(tmp_path),
                        "--quiet"])
     assert "none.txt" in str(e.value) and "01_make_subset.py" in str(e.value)
+
+
+def test_compare_models_quick_writes_its_table(tmp_path):
+    load_script("stage2_ctr/03_compare_models.py").main(
+        ["--quick", "--rows", "6000", "--models", "lr,dcn", "--lrs", "0.01", "--mlp", "16",
+         "--batch-size", "512", "--num-workers", "0", "--out-dir", str(tmp_path),
+         "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path)])
+    table = (tmp_path / "stage2_models.md").read_text()
+    assert "| lr | 0.01 |" in table and "| dcn | 0.01 |" in table and "Oracle" in table
+    assert (tmp_path / "stage2_models.png").exists()
+
+
+def test_throughput_bench_runs_ours(tmp_path):
+    load_script("stage2_ctr/04_bench_throughput.py").main(
+        ["--skip-others", "--rows", "8192", "--repeats", "1", "--batch-sizes", "4096",
+         "--threads", "1", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path)])
+    table = (tmp_path / "stage2_throughput.md").read_text()
+    assert "ours-sparse" in table and "ours-dense" in table and "sgemm peak" in table
+
+
+def test_loader_bench_compares_with_pandas_in_the_same_run(ctr_data, tmp_path):
+    metrics = load_script("stage2_ctr/02_dataloader.py").main(
+        ["--bench", str(ctr_data / "train.txt"), "--repeats", "1", "--runs-dir", str(tmp_path)])
+    assert {"pandas", "loader workers=0", "loader workers=2 group=8"} <= set(metrics["results"])
+    rows = {r["rows"] for r in metrics["results"].values()}
+    assert rows == {len(open(ctr_data / "train.txt").readlines())}  # every reader read it all
+    assert (tmp_path / "bench_loader" / "metrics.json").exists()
