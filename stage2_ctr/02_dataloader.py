@@ -383,27 +383,28 @@ class CriteoStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, shard])
         self.stats = {"rows": 0, "bad_rows": 0, "files": {}}
         emit = self.batch_size * self.group  # rows per item handed to the DataLoader
-        pending = None  # rows not yet emitted, as [dense, sparse, label]
+        need = max(emit, self.shuffle_buffer)
+        parts, n_rows = [], 0  # parsed blocks not yet emitted; concatenated once per emit
         for p in self._parsed_chunks(shard, n_shards):
-            arrays = self._to_arrays(p)
-            pending = arrays if pending is None else [np.concatenate([a, b]) for a, b in
-                                                      zip(pending, arrays)]
-            if len(pending[0]) < max(emit, self.shuffle_buffer):
+            parts.append(self._to_arrays(p))
+            n_rows += len(parts[-1][0])
+            if n_rows < need:
                 continue
+            pending = [np.concatenate(cols) for cols in zip(*parts)]
             if self.shuffle_buffer:
-                perm = rng.permutation(len(pending[0]))
+                perm = rng.permutation(n_rows)
                 pending = [a[perm] for a in pending]
-            n_full = len(pending[0]) // emit * emit
+            n_full = n_rows // emit * emit
             for i in range(0, n_full, emit):
                 yield self._batch(pending, i, i + emit)
-            pending = [a[n_full:] for a in pending]
-        if pending is not None and len(pending[0]):
+            parts = [[a[n_full:] for a in pending]]
+            n_rows -= n_full
+        if n_rows:
+            pending = [np.concatenate(cols) for cols in zip(*parts)]
             if self.shuffle_buffer:
-                perm = rng.permutation(len(pending[0]))
+                perm = rng.permutation(n_rows)
                 pending = [a[perm] for a in pending]
-            stop = len(pending[0])
-            if self.drop_last:
-                stop = stop // self.batch_size * self.batch_size
+            stop = n_rows // self.batch_size * self.batch_size if self.drop_last else n_rows
             for i in range(0, stop, emit):
                 yield self._batch(pending, i, min(i + emit, stop))
 

@@ -41,9 +41,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=200_000, help="in-memory rows per timed pass")
     p.add_argument("--batch-sizes", default="4096,1024")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per config (median)")
     p.add_argument("--skip-others", action="store_true", help="do not install/run the others")
+    p.add_argument("--file", default=str(HERE / "data" / "synthetic" / "train.txt"),
+                   help="Criteo-format file for the from-disk run (01_make_subset.py output)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one config
     p.add_argument("--batch-size", type=int, default=4096, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=str(ROOT / "results"))
@@ -75,9 +77,11 @@ def time_passes(step_fn, n_batches, repeats):
 
 
 # ------------------------------------------------------------------------- the contenders
-def bench_ours(args, sparse):
+def bench_ours(args, sparse, from_disk=False):
+    """Our DeepFM on in-memory tensors or, from_disk, fed by the streaming loader (one worker
+    process parsing while this one trains) over the same number of rows of --file."""
     from models import build_model
-    from train_ctr import make_optimizers, parse_args as train_args
+    from train_ctr import load_loader_module, make_optimizers, parse_args as train_args
     dense, ids, label = (torch.from_numpy(a) for a in make_data(args.rows))
     # our loader yields ids already hashed into one shared 2^20 table: offset each field
     ids = ids + torch.arange(N_SPARSE) * FIELD_VOCAB
@@ -86,16 +90,36 @@ def bench_ours(args, sparse):
     b = args.batch_size
     n_batches = args.rows // b
 
-    def step(i):
-        s = slice(i * b, (i + 1) * b)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense[s], ids[s]),
-                                                                    label[s])
+    def train_step(d, i, y):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(d, i), y)
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for o in opts:
             o.step()
-    return [n_batches * b / t for t in time_passes(step, n_batches, args.repeats)]
+
+    if not from_disk:
+        def step(i):
+            s = slice(i * b, (i + 1) * b)
+            train_step(dense[s], ids[s], label[s])
+        return [n_batches * b / t for t in time_passes(step, n_batches, args.repeats)]
+    loader_mod = load_loader_module()
+    stream = loader_mod.CriteoStream([args.file], b, 20, group=8, verbose=False)
+    for i in range(5):  # warm-up, as time_passes does
+        s = slice(i * b, (i + 1) * b)
+        train_step(dense[s], ids[s], label[s])
+    speeds = []
+    for _ in range(args.repeats):
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)
+        t0, n = time.perf_counter(), 0
+        for k, (d, i, y) in enumerate(loader_mod.iter_batches(loader, b)):
+            train_step(d, i, y)
+            n += len(y)
+            if k + 1 >= n_batches:
+                break
+        speeds.append(n / (time.perf_counter() - t0))
+        del loader
+    return speeds
 
 
 def bench_torchfm(args):
@@ -163,6 +187,7 @@ def run_one(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     fn = {"ours-sparse": lambda: bench_ours(args, True),
+          "ours-sparse, from disk": lambda: bench_ours(args, True, from_disk=True),
           "ours-dense": lambda: bench_ours(args, False),
           "pytorch-fm": lambda: bench_torchfm(args),
           "deepctr-torch": lambda: bench_deepctr(args)}[args.one]
@@ -182,6 +207,8 @@ def main(argv=None):
         return run_one(args)
     t_start = time.perf_counter()
     configs = ["ours-sparse", "ours-dense"]
+    if Path(args.file).exists():
+        configs.append("ours-sparse, from disk")
     env = dict(os.environ)
     tmp = None
     if not args.skip_others:
@@ -196,7 +223,8 @@ def main(argv=None):
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         for config in configs:
             out = subprocess.run([sys.executable, __file__, "--one", config, "--batch-size",
-                                  str(b), "--rows", str(args.rows), "--threads",
+                                  str(b), "--rows", str(args.rows), "--file", args.file,
+                                  "--threads",
                                   str(args.threads), "--repeats", str(args.repeats)],
                                  capture_output=True, text=True, env=env)
             if out.returncode != 0:
