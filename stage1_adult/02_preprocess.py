@@ -22,9 +22,7 @@ Arrays in the npz, for each split in (train, val, test); N rows each:
 """
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,7 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from adult_data import (CATEGORICAL, DATA_DIR, LEAKY, NUMERIC, DataError,  # noqa: E402
-                        add_labels, load_both)
+                        add_labels, atomic_write, load_both)
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
@@ -129,28 +127,6 @@ def fmt_num(v):
 
 
 # ---------------------------------------------------------------------------------- writing
-def save_npz_atomic(path, arrays):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_json_atomic(path, obj):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out) if args.out else HERE / (
@@ -213,8 +189,8 @@ def main(argv=None):
                               "married": float(v["y_married"].mean())} for k, v in splits.items()},
         "oov_rate": oov_rate,
     }
-    save_npz_atomic(out, arrays)
-    save_json_atomic(meta_path, meta)
+    atomic_write(out, lambda tmp: np.savez(tmp, **arrays))
+    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
 
     # 4. report --------------------------------------------------------------------------------
     print(f"split (seed {args.seed}): " + ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))

@@ -17,9 +17,7 @@ Time:   ~10-20 s on 2 CPU cores.
 import argparse
 import copy
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,9 @@ from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from adult_data import atomic_write  # noqa: E402
+
 SCHEMA_VERSION = 1
 TASKS = {"income": ["income"], "married": ["married"], "both": ["income", "married"]}
 ENCODINGS = ["standardize", "bins", "ple", "ple+tokens"]
@@ -275,20 +276,6 @@ def train(model, data, args, device, task_weights):
 
 
 # ----------------------------------------------------------------------------------- report
-def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves a half-written file behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def plot_curves(history, path):
     import matplotlib
     matplotlib.use("Agg")

@@ -11,8 +11,8 @@ Writes: results/stage1_tradeoff.md, results/stage1_tradeoff.png, runs/stage1_tra
 Time:   ~6-8 min on 2 CPU cores (21 trainings).
 """
 import argparse
-import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,14 +20,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def load_trainer():
-    """03_train_mtml.py starts with a digit, so it is loaded by path, not imported by name."""
-    spec = importlib.util.spec_from_file_location("train_mtml", HERE / "03_train_mtml.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(HERE))
+from adult_data import load_numbered_script  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,7 +50,7 @@ def mean_std(values):
 
 def main(argv=None):
     args = parse_args(argv)
-    trainer = load_trainer()
+    trainer = load_numbered_script("03_train_mtml.py")
     t0 = time.perf_counter()
     common = ["--npz", args.npz, "--threads", str(args.threads), "--epochs", str(args.epochs)]
     configs = [(f"multi-task wA=1 wB={w:g}", ["--tasks", "both", "--wB", f"{w}"])

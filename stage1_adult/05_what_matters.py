@@ -15,22 +15,16 @@ Writes: results/stage1_encodings.md, runs/stage1_what_matters/metrics.json
 Time:   ~8 min on 2 CPU cores.
 """
 import argparse
-import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-def load_trainer():
-    """03_train_mtml.py starts with a digit, so it is loaded by path, not imported by name."""
-    spec = importlib.util.spec_from_file_location("train_mtml", HERE / "03_train_mtml.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(HERE))
+from adult_data import load_numbered_script  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -67,7 +61,7 @@ def auc_cells(runs, split="test"):
 
 def main(argv=None):
     args = parse_args(argv)
-    trainer = load_trainer()
+    trainer = load_numbered_script("03_train_mtml.py")
     t0 = time.perf_counter()
     common = ["--threads", str(args.threads), "--epochs", str(args.epochs)]
     results = {"encodings": [], "leakage": [], "loader": []}

@@ -159,8 +159,9 @@ def write_report(trainer, args, rows, curve, folder, seconds):
                   "|---" * (len(curve) + 1) + "|"]
         for i, (n, _) in enumerate(curve["oracle"]):
             lines.append(f"| {n:,} | " + " | ".join(f"{curve[m][i][1]:.4f}" for m in curve) + " |")
-    lines += ["", f"Written by `python stage2_ctr/03_compare_models.py"
-              + (" --quick" if args.quick else f" --seeds {args.seeds}") + f"` in {seconds:.0f} s."]
+    flags = " --quick" if args.quick else f" --seeds {args.seeds} --curve-rows {args.curve_rows}"
+    lines += ["", f"Written by `python stage2_ctr/03_compare_models.py{flags} --threads "
+              f"{args.threads}` in {seconds:.0f} s."]
     trainer.atomic_write_text(out / "stage2_models.md", "\n".join(lines) + "\n")
 
     import matplotlib

@@ -17,7 +17,6 @@ Writes: runs/<name>/metrics.json, curves.png, best.pt (best on val), last.pt (fo
 import argparse
 import importlib.util
 import json
-import math
 import os
 import resource
 import sys

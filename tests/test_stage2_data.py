@@ -1,6 +1,5 @@
 """Stage 2 data: the Criteo format round trip, the hash, sharding, splits, oracle, bad input."""
 import gzip
-import json
 import subprocess
 import sys
 
