@@ -379,8 +379,9 @@ _GENERATOR = None  # set before the worker pool forks, so workers share its tabl
 
 def synthetic_segment(task):
     """Worker: draw a run of consecutive chunks and append each split's rows to this segment's
-    own part files (big byte strings never cross a process boundary). Rows are ordered by split
-    before formatting, so each split's rows are one contiguous byte range."""
+    own part files (big byte strings never cross a process boundary). Synthetic rows are i.i.d.,
+    so a chunk's split ids can be sorted before they are dealt out: each split's rows are then
+    one contiguous range of the chunk, formatted in one go and written with one slice."""
     segment, chunks, out_dir = task
     gen = _GENERATOR
     files = [open(Path(out_dir) / f"{name}.txt.seg{segment:05d}", "wb")
@@ -388,22 +389,18 @@ def synthetic_segment(task):
     keep = {s: {"labels": [], "oracle": [], "first": []} for s in range(3)}
     for index, start, n in chunks:
         c = gen.chunk(index, n)
-        split = split_of(np.random.default_rng([gen.args.seed, 4, index]), n, start,
-                         gen.args.synthetic, gen.args)
-        order = np.argsort(split, kind="stable")
-        split = split[order]
-        data, row_at = format_rows(c["labels"][order], c["dense"][order],
-                                   c["dense_missing"][order], c["hex_words"][order],
-                                   c["ranks"][order] < 0, row_starts=True)
+        split = np.sort(split_of(np.random.default_rng([gen.args.seed, 4, index]), n, start,
+                                 gen.args.synthetic, gen.args))
+        data, row_at = format_rows(c["labels"], c["dense"], c["dense_missing"], c["hex_words"],
+                                   c["ranks"] < 0, row_starts=True)
         bounds = np.searchsorted(split, [0, 1, 2, 3])
         for s in range(3):
             lo, hi = bounds[s], bounds[s + 1]
             if hi > lo:
                 files[s].write(data[row_at[lo]:row_at[hi]])
-                rows = order[lo:hi]
-                keep[s]["labels"].append(c["labels"][rows])
-                keep[s]["oracle"].append(c["oracle"][rows])
-                keep[s]["first"].append(c["first_order_logit"][rows])
+                keep[s]["labels"].append(c["labels"][lo:hi])
+                keep[s]["oracle"].append(c["oracle"][lo:hi])
+                keep[s]["first"].append(c["first_order_logit"][lo:hi])
     for f in files:
         f.close()
     arrays = {s: {k: np.concatenate(v) for k, v in d.items()} for s, d in keep.items()
@@ -411,10 +408,22 @@ def synthetic_segment(task):
     return segment, sum(n for _, _, n in chunks), arrays
 
 
+def append_file(src, dst):
+    """Append src to dst; in the kernel (copy_file_range) where the OS offers it."""
+    dst.flush()
+    size = os.fstat(src.fileno()).st_size
+    try:
+        while size > 0:
+            size -= os.copy_file_range(src.fileno(), dst.fileno(), size)
+    except (AttributeError, OSError):
+        import shutil
+        src.seek(os.fstat(src.fileno()).st_size - size)
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
 def make_synthetic(args, out_dir):
     global _GENERATOR
     import multiprocessing as mp
-    import shutil
     from sklearn.metrics import log_loss, roc_auc_score
     from tqdm import tqdm
     t0 = time.perf_counter()
@@ -443,7 +452,7 @@ def make_synthetic(args, out_dir):
         for s, name in enumerate(SplitWriter.NAMES):
             part = writer.out_dir / f"{name}.txt.seg{segment:05d}"
             with open(part, "rb") as f:
-                shutil.copyfileobj(f, writer.files[s], 16 << 20)
+                append_file(f, writer.files[s])
             part.unlink()
             if s in done[segment]:
                 a = done[segment][s]
