@@ -22,7 +22,7 @@ help:
 	@echo "make demo    run Stage 0 -> 1 on the shipped data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
-	@echo "make stage2  Stage 2 in full: loader benchmark and model comparison (~40 min)"
+	@echo "make stage2  Stage 2 in full: loader and throughput benchmarks, model comparison (~60 min)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
 
 # The venv is (re)built when requirements.txt changes; a stamp file records the last install.
@@ -46,7 +46,8 @@ demo: venv stage0
 	@echo "== Stage 2: Criteo-format CTR (synthetic data with a known optimum) =="
 	$(PY) stage2_ctr/01_make_subset.py --synthetic 200000
 	$(PY) stage2_ctr/02_dataloader.py stage2_ctr/data/synthetic/train.txt --report-collisions
-	$(PY) stage2_ctr/train_ctr.py --model deepfm --threads $(THREADS)
+	$(PY) stage2_ctr/train_ctr.py --model deepfm --epochs 2 --batch-size 2048 --lr 0.002 \
+	    --mlp 256,128 --threads $(THREADS)
 	@echo "demo done: see runs/ for metrics.json and curves.png, README.md for what they mean"
 
 stage1: venv
@@ -61,6 +62,7 @@ stage2: venv
 	    --out-dir stage2_ctr/data/bench2m
 	$(PY) stage2_ctr/02_dataloader.py --bench stage2_ctr/data/bench2m/train.txt
 	$(PY) stage2_ctr/03_compare_models.py --curve-rows 500000,2000000,8000000
+	$(PY) stage2_ctr/04_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
 
 test: venv
 	$(PY) -m pytest -q tests

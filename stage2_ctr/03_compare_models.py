@@ -5,7 +5,8 @@ can only learn the first-order part, FM adds the pairwise part, and the deep mod
 left; the oracle line shows how far each stays from the best possible. The learning curve shows
 the gap shrinking as training rows grow. Same seeds, same data, same epochs for every model.
 
-Run:    python stage2_ctr/03_compare_models.py                      # ~25 min on 2 CPU cores
+Run:    python stage2_ctr/03_compare_models.py                      # ~20 min on 2 CPU cores
+        python stage2_ctr/03_compare_models.py --curve-rows 500000,2000000,8000000  # ~40 min
         python stage2_ctr/03_compare_models.py --quick              # ~2 min, a smoke test
 Reads:  stage2_ctr/data/compare_<rows>/ (made here with 01_make_subset.py when missing)
 Writes: results/stage2_models.md, results/stage2_models.png, results/stage2_learning_curve.png,
