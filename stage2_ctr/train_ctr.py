@@ -269,7 +269,7 @@ def run(argv=None):
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_auc": -1.0, "best_step": 0,
              "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0}
     if args.resume and (run_dir / "last.pt").exists():
-        ckpt = torch.load(run_dir / "last.pt", weights_only=False, map_location=device)
+        ckpt = torch.load(run_dir / "last.pt", weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
         for opt, sd in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(sd)

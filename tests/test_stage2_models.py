@@ -114,7 +114,7 @@ def test_resume_reproduces_an_uninterrupted_run(ctr_data, tmp_path):
     train_ctr.run(base + ["--run-name", "cut", "--max-steps", "12", "--patience", "99"])
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["steps"] == 12
     (tmp_path / "cut" / "best.pt").unlink()
-    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert ckpt["state"]["step"] == 10  # the last checkpoint before the kill
     resumed = train_ctr.run(base + ["--run-name", "cut", "--resume"])
     assert resumed["steps"] == full["steps"]
