@@ -13,7 +13,8 @@ splitmix64 mix of (field salt, length, bytes). Bad rows are skipped, counted and
 Run:    python stage2_ctr/02_dataloader.py FILE [FILE ...]             # demo: batches + rows/s
         python stage2_ctr/02_dataloader.py --fit-stats stage2_ctr/data/synthetic/train.txt
         python stage2_ctr/02_dataloader.py --bench stage2_ctr/data/synthetic/train.txt
-Import: CriteoStream(paths, batch_size, hash_bits=20, stats=...) from train_ctr.py (by path)
+Import: CriteoStream(paths, batch_size, hash_bits=20, dense_stats=...) from train_ctr.py (by
+        path); with DataLoader workers use group=8 and iter_batches() (see there why)
 Writes: --fit-stats: <file>.stats.json next to the file;  --bench: runs/bench_loader/metrics.json
 
 Output of CriteoStream, one tuple per batch (B rows, T label columns):
