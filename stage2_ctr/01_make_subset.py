@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 # The click model's matmuls are tiny: OpenBLAS threads only spin and fight the other generator
@@ -84,8 +85,6 @@ def parse_args(argv=None):
         p.error("--task-corr must be in [-1, 1]")
     if args.val_frac < 0 or args.test_frac < 0 or args.val_frac + args.test_frac >= 1:
         p.error("--val-frac and --test-frac must be >= 0 and sum to < 1")
-    if args.split == "time" and args.input and args.rows is None and args.sample_rate:
-        pass  # a counting pass finds the row count first
     return args
 
 
@@ -500,11 +499,17 @@ def write_meta(path, meta):
 
 
 # ---------------------------------------------------------------------------------- real files
-def open_any(path):
+def check_input(path):
     path = Path(path)
     if not path.exists() or path.is_dir():
-        sys.exit(f"error: {path}: {'is a directory' if path.is_dir() else 'not found'}.\n"
-                 + DOWNLOAD_HELP)
+        sys.exit(f"error: {path}: {'is a directory, pass the files in it' if path.is_dir() else 'not found'}"
+                 "; run this script without arguments for where to download Criteo, "
+                 "or use --synthetic N")
+    return path
+
+
+def open_any(path):
+    path = check_input(path)
     with open(path, "rb") as f:
         gz = f.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rb") if gz else open(path, "rb")
@@ -527,7 +532,7 @@ def iter_line_blocks(paths, chunk_bytes=16 << 20):
                     carry = buf[cut:]
                     if cut:
                         yield path, buf[:cut], len(data)
-            except (EOFError, OSError) as e:
+            except (EOFError, OSError, zlib.error) as e:
                 sys.exit(f"error: {path}: truncated or corrupt gzip ({e})")
 
 
@@ -550,7 +555,7 @@ def make_subset(args, out_dir):
             if args.sample_rate:
                 total = int(total * args.sample_rate)  # expected; the split uses this estimate
     writer = SplitWriter(out_dir)
-    size = sum(os.path.getsize(p) for p in args.input)
+    size = sum(os.path.getsize(check_input(p)) for p in args.input)
     seen = kept = 0
     with tqdm(total=size, unit="B", unit_scale=True, desc="reading") as bar:
         for path, block, n_bytes in iter_line_blocks(args.input):

@@ -257,3 +257,10 @@ def test_fit_stats_standardizes_and_collisions_are_reported(synth):
     assert 0 < report["values_sharing_a_bucket"] < 1
     big = loader.collision_report([out / "train.txt"], hash_bits=30)
     assert big["values_sharing_a_bucket"] < 0.001
+
+
+def test_make_subset_missing_input_is_one_line(tmp_path):
+    for extra in ([], ["--split", "time"]):
+        with pytest.raises(SystemExit) as e:
+            make.main(["--input", str(tmp_path / "none.txt"), "--out-dir", str(tmp_path)] + extra)
+        assert "none.txt: not found" in str(e.value) and "\n" not in str(e.value)
