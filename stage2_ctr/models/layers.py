@@ -120,3 +120,50 @@ class CrossNetwork(nn.Module):
         for layer in self.layers:
             x = layer(x0, x)
         return x
+
+
+# ------------------------------------------------------------------ multi-task blocks (Stage 3)
+# The MTL blocks below take a feature vector x (B, d) - the flattened field embeddings on CTR
+# data, any encoded row elsewhere - and return one output per task, (B, T). They are written
+# once here and composed in mtl.py (shared-bottom, MMoE, OMoE, PLE).
+
+class Experts(nn.Module):
+    """n expert networks, each an MLP x -> (B, d_e); returns them stacked as (B, n, d_e)."""
+
+    def __init__(self, n, in_dim, hidden, dropout=0.0, batch_norm=False):
+        super().__init__()
+        self.nets = nn.ModuleList(MLP(in_dim, hidden, dropout, batch_norm, out_dim=None)
+                                  for _ in range(n))
+        self.out_dim = hidden[-1]
+
+    def forward(self, x):
+        return torch.stack([net(x) for net in self.nets], dim=1)
+
+
+class Gate(nn.Module):
+    """Softmax gate over n experts (MMoE, Ma et al. 2018):
+        g(x) = softmax(W_g x)  in R^n,  sum_i g_i = 1,   out = sum_i g_i(x) * E_i(x).
+    Each task has its own gate, so two tasks can weight the same experts differently; the last
+    gate weights are kept in .weights (detached) to watch for collapse onto one expert."""
+
+    def __init__(self, in_dim, n_experts):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n_experts)
+        self.weights = None
+
+    def forward(self, x, experts):  # x (B, d), experts (B, n, d_e) -> (B, d_e)
+        g = torch.softmax(self.linear(x), dim=-1)
+        self.weights = g.detach()
+        return torch.einsum("bn,bnd->bd", g, experts)
+
+
+class Towers(nn.Module):
+    """One small MLP per task ending in a single output: list of T inputs -> (B, T)."""
+
+    def __init__(self, n_tasks, in_dim, hidden, dropout=0.0, batch_norm=False):
+        super().__init__()
+        self.nets = nn.ModuleList(MLP(in_dim, hidden, dropout, batch_norm, out_dim=1)
+                                  for _ in range(n_tasks))
+
+    def forward(self, inputs):
+        return torch.cat([net(x) for net, x in zip(self.nets, inputs)], dim=1)

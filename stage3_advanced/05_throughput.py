@@ -1,0 +1,323 @@
+"""Stage 3, step 5: throughput at scale - 20M rows (5 GB) streamed, every Stage 2 model timed.
+
+What you learn here: where the time goes when the data no longer fits in your head (it still
+fits on disk): how fast the streaming loader reads a 5 GB file with 1 and 2 worker processes and
+how little memory that takes; how training samples/s of each Stage 2 model changes with the
+batch size, fed from preloaded tensors vs from the streaming loader (workers parsing while the
+main process trains); and how close the MLP's matmuls come to the machine's sgemm peak
+(samples/s x FLOPs per sample / peak GFLOP/s, the peak measured in the same run).
+
+Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~15 min on 2 cores
+        python stage3_advanced/05_throughput.py --quick        # 100k rows, 2 models, ~30 s
+        python stage3_advanced/05_throughput.py --device cuda  # GPU figures -> results/gpu.md
+Reads:  stage3_advanced/data/big_<rows>/train.txt, generated once (stage2_ctr/01_make_subset.py
+        --synthetic <rows> --val-frac 0 --test-frac 0) when missing or incomplete.
+Writes: results/stage3_throughput.md + .png (results/gpu.md with --device cuda);
+        runs/stage3_throughput/partial_<device>_<rows>.json keeps every finished measurement, so an interrupted
+        run picks up where it stopped (--fresh starts over). Result files are written
+        atomically: an interrupted run never leaves a half-written table.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage3_common import (HERE, RESULTS, ROOT, load_numbered, make_optimizers,  # noqa: E402
+                           n_params, pyplot, save_figure, setup, write_json, write_text)
+from models import MODELS, build_model  # noqa: E402
+from models.layers import N_FIELDS  # noqa: E402
+
+MLP_SIZES = (400, 400, 400)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=20_000_000, help="rows of the big file")
+    p.add_argument("--data-root", default=str(HERE / "data"))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--batch-sizes", default="1024,4096,16384,32768")
+    p.add_argument("--workers", default="1,2",
+                   help="loader worker counts: each for the loader-only pass; for training, the "
+                        "first for every model, the others for --sweep-model only")
+    p.add_argument("--sweep-model", default="deepfm", choices=list(MODELS),
+                   help="the model trained with every --workers count")
+    p.add_argument("--train-rows", type=int, default=131_072,
+                   help="rows timed per training measurement (at least 4 batches)")
+    p.add_argument("--emb-dim", type=int, default=16)
+    p.add_argument("--hash-bits", type=int, default=20)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--fresh", action="store_true", help="ignore finished measurements")
+    p.add_argument("--quick", action="store_true",
+                   help="100k rows, LR + DeepFM, batches 1024/4096, 1 worker")
+    p.add_argument("--out", default=None, help="default results/stage3_throughput.md "
+                                               "(results/gpu.md on cuda)")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.models, args.batch_sizes = 100_000, ["lr", "deepfm"], "1024,4096"
+        args.workers, args.train_rows = "1", 16_384
+    args.batch_list = [int(b) for b in args.batch_sizes.split(",") if b]
+    args.worker_list = [int(w) for w in args.workers.split(",") if w]
+    if min(args.batch_list) < 1 or min(args.worker_list) < 1:
+        p.error("--batch-sizes and --workers must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device visible to torch")
+    if args.out is None:
+        args.out = str(RESULTS / ("gpu.md" if args.device.startswith("cuda")
+                                  else "stage3_throughput.md"))
+    return args
+
+
+def peak_rss_mb(who=resource.RUSAGE_SELF):
+    """Peak resident memory (Linux reports KiB): RUSAGE_SELF = this process, RUSAGE_CHILDREN =
+    the largest finished child (the generator, the loader workers)."""
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+# -------------------------------------------------------------------------------------- data
+def ensure_big_file(args):
+    """Generate the big file once; meta.json is written last, so its presence means complete."""
+    folder = Path(args.data_root) / f"big_{args.rows}"
+    if not (folder / "meta.json").exists():
+        print(f"generating {args.rows:,} rows into {folder} (once)")
+        subprocess.run([sys.executable, str(ROOT / "stage2_ctr" / "01_make_subset.py"),
+                        "--synthetic", str(args.rows), "--val-frac", "0", "--test-frac", "0",
+                        "--out-dir", str(folder)], check=True)
+    return folder / "train.txt"
+
+
+def loader_only(loader_mod, path, workers, batch_size=4096):
+    """One full pass of the file through CriteoStream + DataLoader: rows/s."""
+    stream = loader_mod.CriteoStream([path], batch_size, group=8, verbose=False)
+    dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
+    rows, t0 = 0, time.perf_counter()
+    with tqdm(unit=" rows", unit_scale=True, desc=f"loader, {workers} worker(s)") as bar:
+        for dense, _, _ in dl:
+            rows += len(dense)
+            bar.update(len(dense))
+    return {"rows": rows, "seconds": time.perf_counter() - t0,
+            "rows_per_s": rows / (time.perf_counter() - t0)}
+
+
+def preload(loader_mod, path, rows):
+    """The first `rows` rows as tensors (the in-memory baseline)."""
+    stream = loader_mod.CriteoStream([path], 65536, verbose=False)
+    parts, n = [], 0
+    for part in stream:
+        parts.append(part)
+        n += len(part[0])
+        if n >= rows:
+            break
+    return [torch.cat(t)[:rows] for t in zip(*parts)]
+
+
+# ---------------------------------------------------------------------------------- training
+def make_step(model, device):
+    opts = make_optimizers(model, 1e-3, 0.0)
+
+    def step(dense, sparse, label):
+        dense, sparse = dense.to(device, non_blocking=True), sparse.to(device, non_blocking=True)
+        loss = F.binary_cross_entropy_with_logits(model(dense, sparse),
+                                                  label.to(device, non_blocking=True))
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training(step, batches, n_steps, device, warmup=2):
+    """Samples/s over n_steps after `warmup` steps (first-call costs excluded)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it))
+    sync(device)
+    t0, rows = time.perf_counter(), 0
+    for _ in range(n_steps):
+        batch = next(it)
+        step(*batch)
+        rows += len(batch[2])
+    sync(device)
+    return rows / (time.perf_counter() - t0)
+
+
+def train_measure(args, loader_mod, path, mem, model_name, batch, source, device):
+    """source: 'memory' (slices of preloaded tensors) or 'loader-N' (N worker processes)."""
+    torch.manual_seed(0)
+    sparse = device.type == "cpu"  # sparse gradients + SparseAdam on CPU (Stage 2's finding)
+    model = build_model(model_name, 2 ** args.hash_bits, emb_dim=args.emb_dim,
+                        mlp=MLP_SIZES, sparse=sparse).to(device)
+    step = make_step(model, device)
+    n_steps = max(4, args.train_rows // batch)
+    if source == "memory":
+        def batches():
+            for i in range(0, len(mem[2]) - batch + 1, batch):
+                yield tuple(t[i:i + batch] for t in mem)
+        speed = time_training(step, batches(), n_steps, device)
+    else:
+        workers = int(source.split("-")[1])
+        stream = loader_mod.CriteoStream([path], batch, group=max(1, 32768 // batch),
+                                         verbose=False)
+        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+        speed = time_training(step, loader_mod.iter_batches(dl, batch), n_steps, device)
+        del dl
+    return {"model": model_name, "batch": batch, "source": source, "samples_per_s": speed,
+            "params": n_params(model)}
+
+
+def sources_of(args, model):
+    """Where the batches come from: preloaded tensors, then the loader with N workers."""
+    workers = args.worker_list if model == args.sweep_model else args.worker_list[:1]
+    return ["memory"] + [f"loader-{w}" for w in workers]
+
+
+def sgemm_peak_gflops(device, n=2048, repeats=5):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def mlp_flops_per_sample(emb_dim):
+    """The MLP's multiply-adds x 2 (FLOPs) x 3 (forward + two backward matmuls)."""
+    dims = [N_FIELDS * emb_dim, *MLP_SIZES, 1]
+    return 2 * 3 * sum(i * o for i, o in zip(dims[:-1], dims[1:]))
+
+
+# ------------------------------------------------------------------------------------ report
+def report(args, res, device):
+    peak = res["sgemm_gflops"]
+    flops = mlp_flops_per_sample(args.emb_dim)
+    lines = [f"# Stage 3: throughput at scale ({res['device_name']})", "",
+             f"File: {res['file_rows']:,} rows, {res['file_gb']:.2f} GB "
+             f"(synthetic Criteo format). Torch threads: {args.threads}. sgemm peak measured "
+             f"in this run: {peak:,.0f} GFLOP/s.", "", "## Loader only (full pass)", "",
+             "| workers | rows | rows/s | seconds |", "|---|---|---|---|"]
+    for w in args.worker_list:
+        r = res["done"].get(f"scan|{w}")
+        if r:
+            lines.append(f"| {w} | {r['rows']:,} | {r['rows_per_s']:,.0f} | "
+                         f"{r['seconds']:.1f} |")
+    sources = ["memory"] + [f"loader-{w}" for w in args.worker_list]
+    lines += ["", "## Training samples/s (Adam + SparseAdam on CPU, "
+              f"emb {args.emb_dim}, MLP {'-'.join(map(str, MLP_SIZES))})", "",
+              "| model | batch | " + " | ".join(sources)
+              + " | best loader / memory | MLP share of sgemm peak |",
+              "|---|---|" + "---|" * len(sources) + "---|---|"]
+    for m in args.models:
+        for b in args.batch_list:
+            speeds = [res["done"].get(f"train|{m}|{b}|{s}", {}).get("samples_per_s")
+                      for s in sources]
+            if speeds[0] is None:
+                continue
+            cells = [f"{s:,.0f}" if s else "-" for s in speeds]
+            best = max([s for s in speeds[1:] if s] or [0])
+            share = (f"{speeds[0] * flops / 1e9 / peak:.0%}" if m in ("dnn", "deepfm", "dcn",
+                                                                     "dcnv2") else "-")
+            lines.append(f"| {m} | {b:,} | " + " | ".join(cells)
+                         + f" | {best / speeds[0]:.0%} | {share} |")
+    lines += ["", f"Peak RSS: main process {res['rss_main_mb']:,.0f} MiB, largest child "
+              f"(generator or loader worker) {res['rss_child_mb']:,.0f} MiB."
+              + (f" Peak GPU memory {res['gpu_mb']:,.0f} MiB." if res.get("gpu_mb") else ""),
+              "", f"Command: `python stage3_advanced/05_throughput.py"
+              f"{' --quick' if args.quick else ''}"
+              f"{' --device ' + args.device if device.type != 'cpu' else ''}` "
+              f"({res['wall_s'] / 60:.1f} min in the last session)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(args, res, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m in args.models:
+        for source, style in [("memory", "-"), (f"loader-{args.worker_list[0]}", "--")]:
+            pts = [(b, res["done"][f"train|{m}|{b}|{source}"]["samples_per_s"])
+                   for b in args.batch_list if f"train|{m}|{b}|{source}" in res["done"]]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", ms=3,
+                        label=f"{m} ({'memory' if source == 'memory' else 'loader'})")
+    ax.set(xscale="log", xlabel="batch size", ylabel="training samples/s",
+           title=f"training throughput ({res['device_name']}, {args.threads} threads)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    device = torch.device(args.device)
+    setup(args.threads, 0)
+    loader_mod = load_numbered("stage2_ctr/02_dataloader.py", "criteo_loader")
+    partial_path = Path(args.runs_dir) / "stage3_throughput" / f"partial_{args.device}_{args.rows}.json"
+    res = ({} if args.fresh or not partial_path.exists()
+           else json.loads(partial_path.read_text()))
+    if res.get("file_rows") != args.rows or res.get("threads") != args.threads:
+        res = {"file_rows": args.rows, "threads": args.threads, "done": {}}
+    if res["done"]:
+        print(f"resuming: {len(res['done'])} measurements already in {partial_path}")
+    path = ensure_big_file(args)
+    res["file_gb"] = path.stat().st_size / 1e9
+    res["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                          else f"CPU, {torch.get_num_threads()} threads")
+    res["sgemm_gflops"] = sgemm_peak_gflops(device)
+    print(f"{path}: {args.rows:,} rows, {res['file_gb']:.2f} GB | sgemm peak "
+          f"{res['sgemm_gflops']:,.0f} GFLOP/s on {res['device_name']}")
+
+    def record(key, fn):
+        if key not in res["done"]:
+            res["done"][key] = dict(fn(), peak_rss_main_mb=peak_rss_mb())
+            write_json(partial_path, res)  # atomic: a kill leaves the previous version
+        return res["done"][key]
+
+    for w in args.worker_list:
+        r = record(f"scan|{w}", lambda: loader_only(loader_mod, path, w))
+        print(f"loader only, {w} worker(s): {r['rows_per_s']:,.0f} rows/s over {r['rows']:,}")
+    mem = preload(loader_mod, path, max(4 * max(args.batch_list), args.train_rows)
+                  + 2 * max(args.batch_list))
+    jobs = [(m, b, s) for m in args.models for b in args.batch_list
+            for s in sources_of(args, m)]
+    for m, b, s in tqdm(jobs, desc="training measurements"):
+        r = record(f"train|{m}|{b}|{s}",
+                   lambda: train_measure(args, loader_mod, path, mem, m, b, s, device))
+        tqdm.write(f"{m:<7} batch {b:>6,} {s:<9} {r['samples_per_s']:>10,.0f} samples/s")
+    res["rss_main_mb"] = peak_rss_mb()
+    res["rss_child_mb"] = peak_rss_mb(resource.RUSAGE_CHILDREN)
+    if device.type == "cuda":
+        res["gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    res["wall_s"] = time.perf_counter() - t0
+    write_json(partial_path, res)
+    out = Path(args.out)
+    table = report(args, res, device)
+    write_text(out, table)
+    plot(args, res, out.with_suffix(".png"))
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

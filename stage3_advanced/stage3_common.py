@@ -1,0 +1,284 @@
+"""What the Stage 3 scripts share: reading Stage 1 / Stage 2 artefacts (with the line that says
+which script to run first when one is missing), the Adult input encoder, one small training loop
+for in-memory data, the metrics (AUC, log loss, expected calibration error) and atomic writes.
+
+The models themselves live in stage2_ctr/models/ (layers.py + mtl.py): one home for layers.
+"""
+import copy
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.metrics import log_loss, roc_auc_score
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = ROOT / "results"
+ADULT_NPZ = ROOT / "stage1_adult" / "adult_stage1.npz"
+sys.path.insert(0, str(ROOT / "stage2_ctr"))
+from models.mtl import build_mtl, n_params  # noqa: E402
+
+
+class MissingArtefact(SystemExit):
+    """A file another stage writes is missing: one line naming it and the command to run."""
+
+    def __init__(self, path, command):
+        super().__init__(f"error: {path} not found: run `{command}` first")
+
+
+# ------------------------------------------------------------------------------ small helpers
+def setup(threads, seed=None):
+    torch.set_num_threads(threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+
+
+def atomic_write(path, write_fn):
+    """write_fn(tmp_path) writes the file; it appears under `path` only once complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def mean_std(values, digits=4):
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+
+
+def load_numbered(relpath, name):
+    """Import a numbered script of another stage (its name starts with a digit) by path."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------- metrics
+def expected_calibration_error(y, p, n_bins=15):
+    """ECE: bin predictions into equal-width probability bins, then sum over bins of
+    (bin share of rows) * |mean label - mean prediction|. 0 = perfectly calibrated."""
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    pos = np.bincount(which, weights=y, minlength=n_bins)
+    conf = np.bincount(which, weights=p, minlength=n_bins)
+    seen = count > 0
+    return float(np.sum(np.abs(pos[seen] - conf[seen])) / len(y))
+
+
+def binary_metrics(y, p):
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(y, dtype=np.float64)
+    return {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p, labels=[0, 1])),
+            "ece": expected_calibration_error(y, p), "mean_pred": float(p.mean()),
+            "pos_rate": float(y.mean())}
+
+
+# -------------------------------------------------------------------------------- Stage 1 data
+ADULT_INPUTS = ["x_num", "x_bin", "x_binfrac", "x_tok", "x_cat"]
+ADULT_TASKS = ["income", "married"]
+
+
+def load_adult(path=ADULT_NPZ):
+    """Stage 1's npz -> {split: (inputs dict, labels (N, 2) [income, married])}, meta."""
+    path = Path(path)
+    meta_path = path.with_name(path.stem + "_meta.json")
+    if not path.exists() or not meta_path.exists():
+        raise MissingArtefact(path, "python stage1_adult/02_preprocess.py")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("keep_leaky"):
+        raise SystemExit(f"error: {path} keeps the leaky columns; Stage 3 uses the leak-free "
+                         "npz of `python stage1_adult/02_preprocess.py`")
+    data = {}
+    with np.load(path, allow_pickle=False) as z:
+        for split in ["train", "val", "test"]:
+            inputs = {k: torch.from_numpy(z[f"{k}_{split}"]) for k in ADULT_INPUTS}
+            y = torch.from_numpy(np.stack([z[f"y_{t}_{split}"] for t in ADULT_TASKS], 1))
+            data[split] = (inputs, y.float())
+    return data, meta
+
+
+class AdultEncoder(nn.Module):
+    """Every index column of Stage 1's npz - categoricals, numeric quantile bins, exact-value
+    capital tokens - looked up in ONE table (field f's index i at row offset_f + i), plus each
+    numeric's position inside its bin and its standardized value: one flat vector per row."""
+
+    def __init__(self, meta, dim=8):
+        super().__init__()
+        cards = ([meta["cardinalities"][c] for c in meta["categorical_columns"]]
+                 + [meta["n_bins"][c] for c in meta["numeric_columns"]]
+                 + [len(meta["token_vocabs"][c]) + 1 for c in meta["token_columns"]])
+        self.register_buffer("offsets", torch.tensor(np.cumsum([0] + cards[:-1])))
+        self.table = nn.Embedding(sum(cards), dim)
+        nn.init.normal_(self.table.weight, std=0.1)
+        n_num = len(meta["numeric_columns"])
+        self.out_dim = len(cards) * dim + 2 * n_num
+
+    def forward(self, x):
+        idx = torch.cat([x["x_cat"], x["x_bin"], x["x_tok"]], dim=1) + self.offsets
+        return torch.cat([self.table(idx).flatten(1), x["x_binfrac"], x["x_num"]], dim=1)
+
+
+class AdultMultiTask(nn.Module):
+    """AdultEncoder -> a multi-task block from stage2_ctr/models/mtl.py -> (B, T) logits."""
+
+    def __init__(self, meta, block_name, n_tasks=2, emb_dim=8, **block_kw):
+        super().__init__()
+        self.encoder = AdultEncoder(meta, emb_dim)
+        self.block = build_mtl(block_name, self.encoder.out_dim, n_tasks, **block_kw)
+
+    def forward(self, x):
+        return self.block(self.encoder(x))
+
+
+# -------------------------------------------------------------------------------- Stage 2 data
+def load_criteo(path, n_labels=1, hash_bits=18, stats=None):
+    """A whole Criteo-format file through Stage 2's streaming loader, kept in memory as
+    ({"dense", "sparse"}, labels (N, T)) - fine for the few hundred MB these experiments use."""
+    path = Path(path)
+    loader = load_numbered("stage2_ctr/02_dataloader.py", "criteo_loader")
+    stream = loader.CriteoStream([path], 1 << 16, hash_bits, dense_stats=stats,
+                                 n_labels=n_labels, verbose=False)
+    parts = list(stream)
+    dense, sparse, label = (torch.cat(p) for p in zip(*parts))
+    return {"dense": dense, "sparse": sparse}, label.reshape(len(label), -1).float()
+
+
+def oracle_of(path):
+    """The synthetic data's true click (and conversion) probabilities for the rows of `path`."""
+    path = Path(path)
+    o = np.load(path.with_name(path.name.split(".")[0] + ".oracle.npy"), allow_pickle=False)
+    return o.reshape(len(o), -1)
+
+
+class CTRInputs(nn.Module):
+    """Adapter: a Stage 2 model takes (dense, sparse); the loop below hands a dict."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x["dense"], x["sparse"])
+        return out if out.dim() == 2 else out.unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------------ training loop
+def batches(inputs, y, batch_size, generator=None):
+    """Slices of preloaded tensors (shuffled when a generator is given): no per-row Python."""
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size] if order is not None else slice(start,
+                                                                             start + batch_size)
+        yield {k: v[idx] for k, v in inputs.items()}, y[idx]
+
+
+@torch.no_grad()
+def predict(model, inputs, batch_size=16384):
+    """Raw model outputs (B, T) for a whole split."""
+    model.eval()
+    out = [model(x) for x, _ in batches(inputs, torch.empty(len(next(iter(inputs.values())))),
+                                        batch_size)]
+    model.train()
+    return torch.cat(out).float()
+
+
+def auc_per_task(model, split):
+    inputs, y = split
+    p = torch.sigmoid(predict(model, inputs)).numpy()
+    return [float(roc_auc_score(y[:, t].numpy(), p[:, t])) for t in range(y.shape[1])]
+
+
+def make_optimizers(model, lr, weight_decay):
+    """AdamW for dense parameters; SparseAdam for embedding tables built with sparse=True
+    (a step then touches only the rows of the batch, as in Stage 2)."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
+    ids = {id(t) for t in tables}
+    opts = [torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=lr,
+                              weight_decay=weight_decay)]
+    if tables:
+        opts.append(torch.optim.SparseAdam(tables, lr=lr))
+    return opts
+
+
+def fit(model, train, val, loss_fn, lr=1e-3, weight_decay=0.0, batch_size=256, epochs=20,
+        patience=3, seed=0, task_weights=None, desc="train", quiet=False, max_seconds=None):
+    """Minibatch training on in-memory tensors; after each epoch the mean validation AUC over
+    tasks decides early stopping, and the best epoch's weights are restored.
+    loss_fn(outputs (B, T), labels (B, T)) -> per-element losses (B, T)."""
+    opts = make_optimizers(model, lr, weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.tensor(task_weights if task_weights is not None else [1.0] * train[1].shape[1])
+    best, history, samples, t_train = (-1.0, 0, None), [], 0, 0.0
+    bar = tqdm(range(epochs), desc=desc, disable=quiet, leave=False)
+    for epoch in bar:
+        t0, loss_sum, n = time.perf_counter(), 0.0, 0
+        for x, y in batches(*train, batch_size, gen):
+            loss = (loss_fn(model(x), y).mean(0) * w).sum()
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            loss_sum, n, samples = loss_sum + loss.item(), n + 1, samples + len(y)
+        t_train += time.perf_counter() - t0
+        aucs = auc_per_task(model, val)
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "val_auc": aucs})
+        bar.set_postfix(loss=f"{loss_sum / n:.4f}", val_auc=" ".join(f"{a:.4f}" for a in aucs))
+        score = float(np.mean(aucs))
+        if score > best[0]:
+            best = (score, epoch + 1, copy.deepcopy(model.state_dict()))
+        elif epoch + 1 - best[1] >= patience:
+            break
+        if max_seconds and t_train > max_seconds:
+            break
+    model.load_state_dict(best[2])
+    return {"best_epoch": best[1], "history": history,
+            "train_samples_per_s": samples / max(t_train, 1e-9)}
+
+
+def bce(logits, y):
+    return F.binary_cross_entropy_with_logits(logits, y, reduction="none")
