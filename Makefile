@@ -17,12 +17,13 @@ PYTHON_BOOTSTRAP ?= python3
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 2
 
-.PHONY: help venv demo stage0 stage1 stage2 test clean
+.PHONY: help venv demo stage0 stage1 stage2 stage3 test clean
 help:
 	@echo "make demo    run Stage 0 -> 1 on the shipped data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
 	@echo "make stage2  Stage 2 in full: loader and throughput benchmarks, model comparison (~60 min)"
+	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency (~60 min)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
 
 # The venv is (re)built when requirements.txt changes; a stamp file records the last install.
@@ -48,6 +49,9 @@ demo: venv stage0
 	$(PY) stage2_ctr/02_dataloader.py stage2_ctr/data/synthetic/train.txt --report-collisions
 	$(PY) stage2_ctr/train_ctr.py --model deepfm --epochs 2 --batch-size 2048 --lr 0.002 \
 	    --mlp 256,128 --threads $(THREADS)
+	@echo "== Stage 3: MMoE / PLE on Adult, inference latency vs batch size (quick modes) =="
+	$(PY) stage3_advanced/01_mtl_adult.py --quick --threads $(THREADS)
+	$(PY) stage3_advanced/06_latency.py --quick
 	@echo "demo done: see runs/ for metrics.json and curves.png, README.md for what they mean"
 
 stage1: venv
@@ -64,8 +68,17 @@ stage2: venv
 	$(PY) stage2_ctr/03_compare_models.py --curve-rows 500000,2000000,8000000
 	$(PY) stage2_ctr/04_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
 
+stage3: venv
+	$(PY) stage1_adult/02_preprocess.py
+	$(PY) stage3_advanced/01_mtl_adult.py --threads $(THREADS)
+	$(PY) stage3_advanced/02_task_correlation.py --threads $(THREADS)
+	$(PY) stage3_advanced/03_mtl_ctr.py --make-data --threads $(THREADS)
+	$(PY) stage3_advanced/04_imbalance.py --make-data --threads $(THREADS)
+	$(PY) stage3_advanced/05_throughput.py --threads $(THREADS)
+	$(PY) stage3_advanced/06_latency.py
+
 test: venv
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf runs stage1_adult/*.npz stage1_adult/*_meta.json stage2_ctr/data
+	rm -rf runs stage1_adult/*.npz stage1_adult/*_meta.json stage2_ctr/data stage3_advanced/data

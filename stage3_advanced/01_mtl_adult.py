@@ -6,8 +6,8 @@ same number of parameters in the multi-task part, several seeds, single-task bas
 them); and what the gates actually do (which experts each task leans on). On two related tasks
 with ~28k rows the honest answer may well be "no difference": the table says what it says.
 
-Run:    python stage3_advanced/01_mtl_adult.py                 # 5 seeds, ~8 min on 2 CPU cores
-        python stage3_advanced/01_mtl_adult.py --quick         # 2 seeds, fewer epochs, ~1 min
+Run:    python stage3_advanced/01_mtl_adult.py                 # 5 seeds, ~5 min on 2 CPU cores
+        python stage3_advanced/01_mtl_adult.py --quick         # 2 seeds, 6 epochs, ~1 min
 Reads:  stage1_adult/adult_stage1.npz (+ _meta.json) from stage1_adult/02_preprocess.py
 Writes: results/stage3_mtl_adult.md, results/stage3_mtl_adult.png, runs/stage3_mtl_adult.json
 """
@@ -17,22 +17,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (ADULT_NPZ, ADULT_TASKS, RESULTS, ROOT, AdultMultiTask,  # noqa: E402
-                           auc_per_task, bce, fit, load_adult, mean_std, n_params, predict,
-                           pyplot, save_figure, setup, write_json, write_text)
+from stage3_common import (ADULT_NPZ, ADULT_TASKS, NON_NEGATIVE_INT, POSITIVE_INT,  # noqa: E402
+                           RESULTS, ROOT, AdultMultiTask, auc_per_task, bce, fit, load_adult,
+                           mean_std, n_params, predict, pyplot, save_figure, setup, write_json,
+                           write_text)
 from models.mtl import width_for_budget  # noqa: E402
 
 ARCHS = ["shared_bottom", "mmoe", "ple"]
-
-
-def positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def parse_args(argv=None):
@@ -43,9 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--bottom-width", type=int, default=256,
                    help="shared-bottom MLP: [w, w/2]; its parameter count is the budget")
     p.add_argument("--tower", default="32", help="hidden sizes of each task tower")
-    p.add_argument("--experts", type=positive_int, default=4, help="MMoE experts")
-    p.add_argument("--ple-shared", type=int, default=2, help="PLE shared experts")
-    p.add_argument("--ple-specific", type=positive_int, default=1, help="PLE experts per task")
+    p.add_argument("--experts", type=POSITIVE_INT, default=4, help="MMoE experts")
+    p.add_argument("--ple-shared", type=NON_NEGATIVE_INT, default=2,
+                   help="PLE shared experts")
+    p.add_argument("--ple-specific", type=POSITIVE_INT, default=1, help="PLE experts per task")
     p.add_argument("--emb-dim", type=int, default=8)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -62,8 +56,6 @@ def parse_args(argv=None):
         args.seeds, args.epochs = "0,1", 6
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     args.tower_sizes = tuple(int(t) for t in args.tower.split(",") if t)
-    if args.ple_shared < 0:
-        p.error("--ple-shared must be >= 0")
     return args
 
 

@@ -13,7 +13,7 @@ units; one gate for all tasks vs one per task), PLE/CGC (2 shared + 3 per-task e
 towers of 8 units, MSE per task. The paper's finding: the shared bottom's loss grows as p drops,
 MMoE's much less. The table and plot say whether this run reproduces it.
 
-Run:    python stage3_advanced/02_task_correlation.py               # 3 seeds, ~10 min
+Run:    python stage3_advanced/02_task_correlation.py               # 3 seeds, ~8 min
         python stage3_advanced/02_task_correlation.py --quick       # 2 seeds, ~20 s
 Writes: results/stage3_task_correlation.md, results/stage3_task_correlation.png,
         runs/stage3_task_correlation.json
@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (RESULTS, ROOT, mean_std, n_params, pyplot, save_figure,  # noqa: E402
-                           setup, write_json, write_text)
+from stage3_common import (CORRELATION, RESULTS, ROOT, mean_std, n_params, pyplot,  # noqa: E402
+                           save_figure, setup, write_json, write_text)
 from models.mtl import build_mtl  # noqa: E402
 
 MODELS = {  # name -> build_mtl keyword arguments (the paper's sizes)
@@ -40,17 +40,10 @@ MODELS = {  # name -> build_mtl keyword arguments (the paper's sizes)
 }
 
 
-def correlation(s):
-    v = float(s)
-    if not -1.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"a cosine lies in [-1, 1], got {v}")
-    return v
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corrs", type=correlation, nargs="+", default=[0.5, 0.9, 1.0],
+    p.add_argument("--corrs", type=CORRELATION, nargs="+", default=[0.5, 0.9, 1.0],
                    help="task correlations p = cos(w1, w2), each in [-1, 1]")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--seeds", default="0,1,2")

@@ -14,7 +14,7 @@ Criteo 1TB) from stage2_ctr/01_make_subset.py --ctr 0.03. The lesson to read off
 losses barely move AUC but move calibration a lot; when probabilities matter (bids, expected
 revenue), train with plain BCE or correct afterwards.
 
-Run:    python stage3_advanced/04_imbalance.py --make-data            # 3 seeds, ~10 min
+Run:    python stage3_advanced/04_imbalance.py --make-data            # 3 seeds, ~7 min
         python stage3_advanced/04_imbalance.py --quick --make-data    # 1 seed, small, ~1 min
 Reads:  stage1_adult/adult_stage1.npz (stage1_adult/02_preprocess.py) and
         stage3_advanced/data/ctr_low_<rows>/ (01_make_subset.py --synthetic N --ctr 0.03;
@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (ADULT_NPZ, HERE, RESULTS, ROOT, AdultMultiTask,  # noqa: E402
-                           CTRInputs, binary_metrics, fit, load_adult, load_criteo,
-                           load_numbered, mean_std, predict, pyplot, save_figure, setup,
-                           write_json, write_text)
+from stage3_common import (ADULT_NPZ, HERE, RESULTS, ROOT, AdultMultiTask, CTRInputs,  # noqa: E402
+                           binary_metrics, checked, fit, load_adult, load_criteo, load_numbered,
+                           mean_std, predict, pyplot, save_figure, setup, write_json, write_text)
 from models import build_model  # noqa: E402
 
 
@@ -69,26 +68,14 @@ def make_losses(args, pos_rate):
     return losses
 
 
-def non_negative(s):
-    v = float(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"focal γ must be >= 0, got {v}")
-    return v
-
-
-def unit_interval(s):
-    v = float(s)
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"focal α must be in (0, 1), got {v}")
-    return v
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", choices=["adult", "ctr"], default=["adult", "ctr"])
-    p.add_argument("--gammas", type=non_negative, nargs="+", default=[1.0, 2.0])
-    p.add_argument("--alpha", type=unit_interval, default=0.25,
+    p.add_argument("--gammas", type=checked(float, lambda v: v >= 0, "a focal γ >= 0"),
+                   nargs="+", default=[1.0, 2.0])
+    p.add_argument("--alpha", type=checked(float, lambda v: 0 < v < 1, "a focal α in (0, 1)"),
+                   default=0.25,
                    help="α of one extra focal run (with the largest γ)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--npz", default=str(ADULT_NPZ))

@@ -13,19 +13,21 @@ Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~15 m
 Reads:  stage3_advanced/data/big_<rows>/train.txt, generated once (stage2_ctr/01_make_subset.py
         --synthetic <rows> --val-frac 0 --test-frac 0) when missing or incomplete.
 Writes: results/stage3_throughput.md + .png (results/gpu.md with --device cuda);
-        runs/stage3_throughput/partial_<device>_<rows>.json keeps every finished measurement, so an interrupted
-        run picks up where it stopped (--fresh starts over). Result files are written
-        atomically: an interrupted run never leaves a half-written table.
+        runs/stage3_throughput/partial_<device>_<rows>.json keeps every finished measurement, so
+        an interrupted run picks up where it stopped (--fresh starts over). Result files are
+        written atomically: an interrupted run never leaves a half-written table.
 """
 import argparse
+import ctypes
+import gc
 import json
+import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -48,9 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="1024,4096,16384,32768")
     p.add_argument("--workers", default="1,2",
                    help="loader worker counts: each for the loader-only pass; for training, the "
-                        "first for every model, the others for --sweep-model only")
-    p.add_argument("--sweep-model", default="deepfm", choices=list(MODELS),
-                   help="the model trained with every --workers count")
+                        "first for every model, the others for --sweep-models only")
+    p.add_argument("--sweep-models", nargs="+", default=["lr", "deepfm"], choices=list(MODELS),
+                   help="the models trained with every --workers count (the fastest model, "
+                        "whose loader share is highest, and the Stage 2 reference)")
     p.add_argument("--train-rows", type=int, default=131_072,
                    help="rows timed per training measurement (at least 4 batches)")
     p.add_argument("--emb-dim", type=int, default=16)
@@ -79,35 +82,80 @@ def parse_args(argv=None):
     return args
 
 
-def peak_rss_mb(who=resource.RUSAGE_SELF):
-    """Peak resident memory (Linux reports KiB): RUSAGE_SELF = this process, RUSAGE_CHILDREN =
-    the largest finished child (the generator, the loader workers)."""
-    return resource.getrusage(who).ru_maxrss / 1024
+def peak_rss_mb():
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_peak_mb(loader_iter):
+    """Largest peak RSS (VmHWM) among the live DataLoader workers (Linux; the worker list is a
+    private attribute of the iterator, so 0 where it is missing). A forked worker's RSS also
+    counts the pages it shares copy-on-write with the main process."""
+    peaks = []
+    for w in getattr(loader_iter, "_workers", []):
+        try:
+            status = Path(f"/proc/{w.pid}/status").read_text()
+        except OSError:
+            continue
+        peaks += [int(x.split()[1]) / 1024 for x in status.splitlines()
+                  if x.startswith("VmHWM:")]
+    return max(peaks, default=0.0)
+
+
+def reset_peak_rss():
+    """Linux: hand freed heap back to the OS, then forget this process's peak (VmHWM), so the
+    next measurement's peak is its own. Elsewhere a no-op (the peak is then cumulative)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_since_reset_mb():
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
 
 
 # -------------------------------------------------------------------------------------- data
 def ensure_big_file(args):
     """Generate the big file once; meta.json is written last, so its presence means complete."""
     folder = Path(args.data_root) / f"big_{args.rows}"
+    generator_rss = None
     if not (folder / "meta.json").exists():
         print(f"generating {args.rows:,} rows into {folder} (once)")
-        subprocess.run([sys.executable, str(ROOT / "stage2_ctr" / "01_make_subset.py"),
-                        "--synthetic", str(args.rows), "--val-frac", "0", "--test-frac", "0",
-                        "--out-dir", str(folder)], check=True)
-    return folder / "train.txt"
+        proc = subprocess.Popen([sys.executable, str(ROOT / "stage2_ctr" / "01_make_subset.py"),
+                                 "--synthetic", str(args.rows), "--val-frac", "0",
+                                 "--test-frac", "0", "--out-dir", str(folder)])
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            sys.exit(f"error: 01_make_subset.py failed (exit {proc.returncode})")
+        generator_rss = usage.ru_maxrss / 1024
+    return folder / "train.txt", generator_rss
 
 
 def loader_only(loader_mod, path, workers, batch_size=4096):
     """One full pass of the file through CriteoStream + DataLoader: rows/s."""
     stream = loader_mod.CriteoStream([path], batch_size, group=8, verbose=False)
     dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    rows, t0 = 0, time.perf_counter()
+    rows, t0, worker_rss = 0, time.perf_counter(), 0.0
+    it = iter(dl)
     with tqdm(unit=" rows", unit_scale=True, desc=f"loader, {workers} worker(s)") as bar:
-        for dense, _, _ in dl:
+        for k, (dense, _, _) in enumerate(it):
             rows += len(dense)
             bar.update(len(dense))
-    return {"rows": rows, "seconds": time.perf_counter() - t0,
-            "rows_per_s": rows / (time.perf_counter() - t0)}
+            if k % 64 == 0:
+                worker_rss = max(worker_rss, worker_peak_mb(it))
+    seconds = time.perf_counter() - t0
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
+            "peak_rss_worker_mb": worker_rss}
 
 
 def preload(loader_mod, path, rows):
@@ -185,7 +233,7 @@ def train_measure(args, loader_mod, path, mem, model_name, batch, source, device
 
 def sources_of(args, model):
     """Where the batches come from: preloaded tensors, then the loader with N workers."""
-    workers = args.worker_list if model == args.sweep_model else args.worker_list[:1]
+    workers = args.worker_list if model in args.sweep_models else args.worker_list[:1]
     return ["memory"] + [f"loader-{w}" for w in workers]
 
 
@@ -216,18 +264,21 @@ def report(args, res, device):
              f"File: {res['file_rows']:,} rows, {res['file_gb']:.2f} GB "
              f"(synthetic Criteo format). Torch threads: {args.threads}. sgemm peak measured "
              f"in this run: {peak:,.0f} GFLOP/s.", "", "## Loader only (full pass)", "",
-             "| workers | rows | rows/s | seconds |", "|---|---|---|---|"]
+             "| workers | rows | rows/s | seconds | peak RSS main MiB | peak RSS per worker MiB |",
+             "|---|---|---|---|---|---|"]
     for w in args.worker_list:
         r = res["done"].get(f"scan|{w}")
         if r:
             lines.append(f"| {w} | {r['rows']:,} | {r['rows_per_s']:,.0f} | "
-                         f"{r['seconds']:.1f} |")
+                         f"{r['seconds']:.1f} | {r['peak_rss_main_mb']:,.0f} | "
+                         f"{r['peak_rss_worker_mb']:,.0f} |")
     sources = ["memory"] + [f"loader-{w}" for w in args.worker_list]
     lines += ["", "## Training samples/s (Adam + SparseAdam on CPU, "
               f"emb {args.emb_dim}, MLP {'-'.join(map(str, MLP_SIZES))})", "",
               "| model | batch | " + " | ".join(sources)
-              + " | best loader / memory | MLP share of sgemm peak |",
-              "|---|---|" + "---|" * len(sources) + "---|---|"]
+              + " | best loader / memory | MLP share of sgemm peak | peak RSS MiB (loader-"
+              f"{args.worker_list[0]}, main) |",
+              "|---|---|" + "---|" * len(sources) + "---|---|---|"]
     for m in args.models:
         for b in args.batch_list:
             speeds = [res["done"].get(f"train|{m}|{b}|{s}", {}).get("samples_per_s")
@@ -238,30 +289,37 @@ def report(args, res, device):
             best = max([s for s in speeds[1:] if s] or [0])
             share = (f"{speeds[0] * flops / 1e9 / peak:.0%}" if m in ("dnn", "deepfm", "dcn",
                                                                      "dcnv2") else "-")
+            rss = res["done"].get(f"train|{m}|{b}|{sources[1]}", {}).get("peak_rss_main_mb", 0)
             lines.append(f"| {m} | {b:,} | " + " | ".join(cells)
-                         + f" | {best / speeds[0]:.0%} | {share} |")
-    lines += ["", f"Peak RSS: main process {res['rss_main_mb']:,.0f} MiB, largest child "
-              f"(generator or loader worker) {res['rss_child_mb']:,.0f} MiB."
+                         + f" | {best / speeds[0]:.0%} | {share} | {rss:,.0f} |")
+    gen = res.get("rss_generator_mb")
+    lines += ["", "Peak RSS is measured per row (Linux VmHWM reset before each measurement): "
+              f"the largest in the main process was {res['rss_main_mb']:,.0f} MiB"
+              + (f"; the generator (01_make_subset.py, {res['file_rows']:,} rows) peaked at "
+                 f"{gen:,.0f} MiB" if gen else "") + ". A forked worker's RSS includes the "
+              "pages it shares copy-on-write with the main process."
               + (f" Peak GPU memory {res['gpu_mb']:,.0f} MiB." if res.get("gpu_mb") else ""),
               "", f"Command: `python stage3_advanced/05_throughput.py"
               f"{' --quick' if args.quick else ''}"
               f"{' --device ' + args.device if device.type != 'cpu' else ''}` "
-              f"({res['wall_s'] / 60:.1f} min in the last session)."]
+              f"({sum(res['session_s']) / 60:.1f} min over {len(res['session_s'])} "
+              "session(s))."]
     return "\n".join(lines) + "\n"
 
 
 def plot(args, res, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for m in args.models:
+    for i, m in enumerate(args.models):
         for source, style in [("memory", "-"), (f"loader-{args.worker_list[0]}", "--")]:
             pts = [(b, res["done"][f"train|{m}|{b}|{source}"]["samples_per_s"])
                    for b in args.batch_list if f"train|{m}|{b}|{source}" in res["done"]]
             if pts:
-                ax.plot(*zip(*pts), style, marker="o", ms=3,
+                ax.plot(*zip(*pts), style, marker="o", ms=3, color=f"C{i}",
                         label=f"{m} ({'memory' if source == 'memory' else 'loader'})")
-    ax.set(xscale="log", xlabel="batch size", ylabel="training samples/s",
-           title=f"training throughput ({res['device_name']}, {args.threads} threads)")
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="training samples/s",
+           title=f"training throughput, {res['device_name']}\n"
+                 "solid: preloaded tensors, dashed: streaming loader (1 worker)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
@@ -273,24 +331,29 @@ def main(argv=None):
     device = torch.device(args.device)
     setup(args.threads, 0)
     loader_mod = load_numbered("stage2_ctr/02_dataloader.py", "criteo_loader")
-    partial_path = Path(args.runs_dir) / "stage3_throughput" / f"partial_{args.device}_{args.rows}.json"
+    partial_path = (Path(args.runs_dir) / "stage3_throughput"
+                    / f"partial_{args.device}_{args.rows}.json")
     res = ({} if args.fresh or not partial_path.exists()
            else json.loads(partial_path.read_text()))
     if res.get("file_rows") != args.rows or res.get("threads") != args.threads:
         res = {"file_rows": args.rows, "threads": args.threads, "done": {}}
     if res["done"]:
         print(f"resuming: {len(res['done'])} measurements already in {partial_path}")
-    path = ensure_big_file(args)
+    path, generator_rss = ensure_big_file(args)
+    if generator_rss:
+        res["rss_generator_mb"] = generator_rss
     res["file_gb"] = path.stat().st_size / 1e9
     res["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
                           else f"CPU, {torch.get_num_threads()} threads")
-    res["sgemm_gflops"] = sgemm_peak_gflops(device)
+    if "sgemm_gflops" not in res:  # one peak per results file: the shares stay comparable
+        res["sgemm_gflops"] = sgemm_peak_gflops(device)
     print(f"{path}: {args.rows:,} rows, {res['file_gb']:.2f} GB | sgemm peak "
           f"{res['sgemm_gflops']:,.0f} GFLOP/s on {res['device_name']}")
 
     def record(key, fn):
         if key not in res["done"]:
-            res["done"][key] = dict(fn(), peak_rss_main_mb=peak_rss_mb())
+            reset_peak_rss()
+            res["done"][key] = dict(fn(), peak_rss_main_mb=peak_since_reset_mb())
             write_json(partial_path, res)  # atomic: a kill leaves the previous version
         return res["done"][key]
 
@@ -305,11 +368,10 @@ def main(argv=None):
         r = record(f"train|{m}|{b}|{s}",
                    lambda: train_measure(args, loader_mod, path, mem, m, b, s, device))
         tqdm.write(f"{m:<7} batch {b:>6,} {s:<9} {r['samples_per_s']:>10,.0f} samples/s")
-    res["rss_main_mb"] = peak_rss_mb()
-    res["rss_child_mb"] = peak_rss_mb(resource.RUSAGE_CHILDREN)
+    res["rss_main_mb"] = max(r["peak_rss_main_mb"] for r in res["done"].values())
     if device.type == "cuda":
         res["gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    res["wall_s"] = time.perf_counter() - t0
+    res.setdefault("session_s", []).append(time.perf_counter() - t0)
     write_json(partial_path, res)
     out = Path(args.out)
     table = report(args, res, device)

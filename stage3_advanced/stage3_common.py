@@ -4,6 +4,7 @@ for in-memory data, the metrics (AUC, log loss, expected calibration error) and 
 
 The models themselves live in stage2_ctr/models/ (layers.py + mtl.py): one home for layers.
 """
+import argparse
 import copy
 import importlib.util
 import json
@@ -77,6 +78,21 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def checked(kind, ok, rule):
+    """An argparse type: kind(text), rejected with `must be <rule>` unless ok(value)."""
+    def parse(text):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+    return parse
+
+
+POSITIVE_INT = checked(int, lambda v: v >= 1, ">= 1")
+NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
+CORRELATION = checked(float, lambda v: -1 <= v <= 1, "a correlation (cosine) in [-1, 1]")
 
 
 def mean_std(values, digits=4):
