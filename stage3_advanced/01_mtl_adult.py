@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage3_common import (ADULT_NPZ, ADULT_TASKS, NON_NEGATIVE_INT, POSITIVE_INT,  # noqa: E402
-                           RESULTS, ROOT, AdultMultiTask, auc_per_task, bce, fit, load_adult,
-                           mean_std, n_params, predict, pyplot, save_figure, setup, write_json,
-                           write_text)
+                           ROOT, AdultMultiTask, auc_per_task, bce, fit, load_adult, mean_std,
+                           n_params, predict, pyplot, quick_or_results, save_figure, setup,
+                           write_json, write_text)
 from models.mtl import width_for_budget  # noqa: E402
 
 ARCHS = ["shared_bottom", "mmoe", "ple"]
@@ -49,9 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="2 seeds, 6 epochs: a ~1 minute look")
-    p.add_argument("--out", default=str(RESULTS / "stage3_mtl_adult.md"))
+    p.add_argument("--out", default=None,
+                   help="default results/stage3_mtl_adult.md; with --quick runs/quick/ (the "
+                        "committed table stays)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(quick_or_results(args.quick) / "stage3_mtl_adult.md")
     if args.quick:
         args.seeds, args.epochs = "0,1", 6
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]

@@ -28,8 +28,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (CORRELATION, RESULTS, ROOT, mean_std, n_params, pyplot,  # noqa: E402
-                           save_figure, setup, write_json, write_text)
+from stage3_common import (CORRELATION, ROOT, mean_std, n_params, pyplot,  # noqa: E402
+                           quick_or_results, save_figure, setup, write_json, write_text)
 from models.mtl import build_mtl  # noqa: E402
 
 MODELS = {  # name -> build_mtl keyword arguments (the paper's sizes)
@@ -60,9 +60,13 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="2 seeds, 3k rows, 8 epochs: ~20 s")
-    p.add_argument("--out", default=str(RESULTS / "stage3_task_correlation.md"))
+    p.add_argument("--out", default=None,
+                   help="default results/stage3_task_correlation.md; with --quick runs/quick/ (the "
+                        "committed table stays)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(quick_or_results(args.quick) / "stage3_task_correlation.md")
     if args.quick:
         args.seeds, args.train_rows, args.epochs = "0,1", 3000, 8
     if args.dim < 2:

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (CORRELATION, HERE, NON_NEGATIVE_INT, POSITIVE_INT,  # noqa: E402
-                           RESULTS, ROOT, CTRInputs, auc_per_task, bce, fit, load_criteo,
-                           load_numbered, mean_std, n_params, pyplot, save_figure, setup,
-                           write_json, write_text)
+from stage3_common import (CORRELATION, HERE, NON_NEGATIVE_INT, POSITIVE_INT, ROOT,  # noqa: E402
+                           CTRInputs, auc_per_task, bce, fit, load_criteo, load_numbered, mean_std,
+                           n_params, pyplot, quick_or_results, save_figure, setup, write_json,
+                           write_text)
 from models.layers import N_FIELDS  # noqa: E402
 from models.mtl import CTRMultiTask, build_mtl, width_for_budget  # noqa: E402
 
@@ -60,9 +60,13 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="40k rows, 1 seed, 2 epochs")
-    p.add_argument("--out", default=str(RESULTS / "stage3_mtl_ctr.md"))
+    p.add_argument("--out", default=None,
+                   help="default results/stage3_mtl_ctr.md; with --quick runs/quick/ (the "
+                        "committed table stays)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(quick_or_results(args.quick) / "stage3_mtl_ctr.md")
     if args.quick:
         args.rows, args.seeds, args.epochs = 40_000, "0", 2
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (ADULT_NPZ, HERE, RESULTS, ROOT, AdultMultiTask, CTRInputs,  # noqa: E402
+from stage3_common import (ADULT_NPZ, HERE, ROOT, AdultMultiTask, CTRInputs,  # noqa: E402
                            binary_metrics, checked, fit, load_adult, load_criteo, load_numbered,
-                           mean_std, predict, pyplot, save_figure, setup, write_json, write_text)
+                           mean_std, predict, pyplot, quick_or_results, save_figure, setup,
+                           write_json, write_text)
 from models import build_model  # noqa: E402
 
 
@@ -87,9 +88,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=20, help="Adult epochs (CTR: 2)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="1 seed, 40k synthetic rows, 3 epochs")
-    p.add_argument("--out", default=str(RESULTS / "stage3_imbalance.md"))
+    p.add_argument("--out", default=None,
+                   help="default results/stage3_imbalance.md; with --quick runs/quick/ (the "
+                        "committed table stays)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(quick_or_results(args.quick) / "stage3_imbalance.md")
     if args.quick:
         args.seeds, args.rows, args.epochs = "0", 40_000, 3
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]

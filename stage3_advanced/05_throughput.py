@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (HERE, RESULTS, ROOT, load_numbered, make_optimizers,  # noqa: E402
-                           n_params, pyplot, save_figure, setup, write_json, write_text)
+from stage3_common import (HERE, ROOT, load_numbered, make_optimizers, n_params,  # noqa: E402
+                           pyplot, quick_or_results, save_figure, setup, write_json, write_text)
 from models import MODELS, build_model  # noqa: E402
 from models.layers import N_FIELDS  # noqa: E402
 
@@ -63,8 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="ignore finished measurements")
     p.add_argument("--quick", action="store_true",
                    help="100k rows, LR + DeepFM, batches 1024/4096, 1 worker")
-    p.add_argument("--out", default=None, help="default results/stage3_throughput.md "
-                                               "(results/gpu.md on cuda)")
+    p.add_argument("--out", default=None, help="default results/stage3_throughput.md, "
+                   "results/gpu.md on cuda (--quick: runs/quick/, the committed table stays)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
     args = p.parse_args(argv)
     if args.quick:
@@ -77,8 +77,8 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible to torch")
     if args.out is None:
-        args.out = str(RESULTS / ("gpu.md" if args.device.startswith("cuda")
-                                  else "stage3_throughput.md"))
+        args.out = str(quick_or_results(args.quick) / (
+            "gpu.md" if args.device.startswith("cuda") else "stage3_throughput.md"))
     return args
 
 

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (POSITIVE_INT, RESULTS, ROOT, checked, n_params, pyplot,  # noqa: E402
-                           save_figure, write_json, write_text)
+from stage3_common import (POSITIVE_INT, ROOT, checked, n_params, pyplot,  # noqa: E402
+                           quick_or_results, save_figure, write_json, write_text)
 from models import MODELS, build_model  # noqa: E402
 from models.layers import N_DENSE, N_SPARSE  # noqa: E402
 
@@ -51,9 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each model first")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--quick", action="store_true", help="DNN + DeepFM, batch 1/64/1024, 1 thread")
-    p.add_argument("--out", default=str(RESULTS / "stage3_latency.md"))
+    p.add_argument("--out", default=None,
+                   help="default results/stage3_latency.md; with --quick runs/quick/ (the "
+                        "committed table stays)")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(quick_or_results(args.quick) / "stage3_latency.md")
     if args.quick:
         args.models, args.batch_sizes, args.threads = ["dnn", "deepfm"], [1, 64, 1024], [1]
     if args.device.startswith("cuda"):

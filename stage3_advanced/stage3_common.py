@@ -95,6 +95,12 @@ NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
 CORRELATION = checked(float, lambda v: -1 <= v <= 1, "a correlation (cosine) in [-1, 1]")
 
 
+def quick_or_results(quick):
+    """Where a result table goes: results/ (committed, shown by the README) for full runs,
+    runs/quick/ for --quick runs, so `make demo` never overwrites a measured table."""
+    return ROOT / "runs" / "quick" if quick else RESULTS
+
+
 def mean_std(values, digits=4):
     v = np.asarray(values, dtype=float)
     return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"

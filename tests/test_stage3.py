@@ -167,3 +167,13 @@ def test_quick_mode_writes_its_results(script, extra, tiny_npz, tmp_path):
     assert out.with_suffix(".png").exists()
     assert "Command:" in out.read_text()
     assert not list(out.parent.glob("*.tmp"))  # atomic writes leave no temp files
+
+
+@pytest.mark.parametrize("script", ["01_mtl_adult.py", "02_task_correlation.py",
+                                    "03_mtl_ctr.py", "04_imbalance.py", "05_throughput.py",
+                                    "06_latency.py"])
+def test_quick_runs_never_overwrite_the_committed_tables(script):
+    module = load_script(f"stage3_advanced/{script}")
+    full, quick = module.parse_args([]).out, module.parse_args(["--quick"]).out
+    assert full.startswith(str(ROOT / "results"))
+    assert quick.startswith(str(ROOT / "runs" / "quick"))
