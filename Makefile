@@ -19,7 +19,7 @@ THREADS ?= 2
 
 .PHONY: help venv demo stage0 stage1 stage2 stage3 test clean
 help:
-	@echo "make demo    run Stage 0 -> 1 on the shipped data (creates .venv on first use)"
+	@echo "make demo    run Stage 0 -> 1 -> 2 -> 3 (quick) on shipped/synthetic data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
 	@echo "make stage2  Stage 2 in full: loader and throughput benchmarks, model comparison (~60 min)"

@@ -242,8 +242,9 @@ def batches(inputs, y, batch_size, generator=None):
 def predict(model, inputs, batch_size=16384):
     """Raw model outputs (B, T) for a whole split."""
     model.eval()
-    out = [model(x) for x, _ in batches(inputs, torch.empty(len(next(iter(inputs.values())))),
-                                        batch_size)]
+    n = len(next(iter(inputs.values())))
+    out = [model({k: v[i:i + batch_size] for k, v in inputs.items()})
+           for i in range(0, n, batch_size)]
     model.train()
     return torch.cat(out).float()
 
