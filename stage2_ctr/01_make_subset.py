@@ -147,22 +147,24 @@ class ClickModel:
 
     def logit_parts(self, ranks, z):
         """(first order, pairwise, third order) contributions per row, without the bias."""
-        idx = np.where(ranks < 0, self.vocab, ranks)  # missing -> its own row
+        # one contiguous row of ids per field: np.take on it is ~10x faster than fancy-indexing
+        # a strided column of the (n, 26) array (that gather was a third of a chunk's time)
+        idx = np.ascontiguousarray(np.where(ranks < 0, self.vocab, ranks).T)  # missing -> own row
         first = z @ self.w_dense  # dense fields: w_j z_j, and v_j z_j in the FM below
         v_sum = z @ self.v_dense
         v_sq = (z * z) @ (self.v_dense ** 2)
         for f in range(N_SPARSE):
-            first += self.w_cat[f][idx[:, f]]
+            first += np.take(self.w_cat[f], idx[f])
         # FM identity: sum_{i<j} <v_i, v_j> = 1/2 sum_k [ (sum_i v_ik)^2 - sum_i v_ik^2 ]
         for f in self.pair_fields:
-            v = self.v_cat[f][idx[:, f]]
+            v = np.take(self.v_cat[f], idx[f], axis=0)
             v_sum += v
             v_sq += v * v
         pair = 0.5 * (v_sum * v_sum - v_sq).sum(1)
         third = np.zeros(len(z), np.float32)
         for a, b, c in self.triples:
-            third += self.gamma * (self.e_cat[a][idx[:, a]] * self.e_cat[b][idx[:, b]]
-                                   * self.e_cat[c][idx[:, c]])
+            third += self.gamma * (np.take(self.e_cat[a], idx[a]) * np.take(self.e_cat[b], idx[b])
+                                   * np.take(self.e_cat[c], idx[c]))
         return first, pair, third
 
     def hex_of(self, field, ranks):
@@ -220,10 +222,12 @@ class Generator:
         return rho * s1 + np.sqrt(1 - rho ** 2) * own * self.own_scale
 
     def hex_words_of(self, ranks):
-        words = np.zeros(ranks.shape, U64)
+        """(n, 26) uint64 hex words (a transposed view: gathered one contiguous field at a time)."""
+        idx = np.ascontiguousarray(np.maximum(ranks, 0).T)
+        words = np.empty(idx.shape, U64)
         for f in range(N_SPARSE):
-            words[:, f] = self.hex_words[f][np.maximum(ranks[:, f], 0)]
-        return words
+            np.take(self.hex_words[f], idx[f], out=words[f])
+        return words.T
 
     def chunk(self, index, n):
         """Chunk number `index` (its own seeded stream, so chunks can be drawn in parallel and
@@ -266,9 +270,11 @@ def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts
     Each field becomes its first 8 bytes packed in a uint64 `lo` (its trailing tab included when
     it fits) and a length L. A field's output offset is the running sum of L; the `lo` words are
     stored in field order through an unaligned uint64 view of the output, so what spills past a
-    field's end is overwritten by the next field's store. The 9th-12th bytes of longer fields
-    (8 hex chars + tab, 8+ digit numbers) are then set one byte column at a time.
-    Digits and hex chars come 4 at a time from lookup tables."""
+    field's end is overwritten by the next field's store. The output starts filled with tabs:
+    the 9th byte of a categorical (8 hex chars + tab) is never reached by a store and stays a
+    tab; the 9th-12th bytes of 8+ digit numbers are set one byte column at a time.
+    Digits and hex chars come 4 at a time from lookup tables. With row_starts, the result is a
+    uint8 array (slices of it are written without a copy) and the byte offset of every row."""
     n, n_labels = labels.shape
     tab = U64(ord("\t"))
     i0, c0 = n_labels, n_labels + N_DENSE  # first integer / categorical column
@@ -280,8 +286,9 @@ def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts
     # integers: below 10^5 (nearly all) one lookup gives "digits\t" as a word; the rest:
     # left-align the digits (x * 10^(12 - digits)) and take 3 lookups of 4 digits
     small = (dense >= 0) & (dense < len(SMALL_INT_WORD))
-    lo[:, i0:c0] = SMALL_INT_WORD[np.where(small, dense, 0)]
-    n_chars = SMALL_INT_LEN[np.where(small, dense, 0)]
+    small_value = np.where(small, dense, 0)
+    lo[:, i0:c0] = SMALL_INT_WORD[small_value]
+    n_chars = SMALL_INT_LEN[small_value]
     r, c = np.nonzero(~small & ~dense_missing)
     mag = np.abs(dense[r, c])
     n_digits = np.ones(len(mag), np.int64)
@@ -309,14 +316,13 @@ def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts
     length[:, c0:] = np.where(cat_missing, 1, 9)
     # stores, in field order
     length = length.ravel()
-    offset = np.cumsum(length, dtype=np.int64) - length
-    out = np.zeros(int(offset[-1] + length[-1]) + 16, np.uint8)
+    offset = np.cumsum(length, dtype=np.int64)
+    offset -= length
+    out = np.full(int(offset[-1] + length[-1]) + 16, ord("\t"), np.uint8)
     words = np.ndarray(shape=(len(out) - 7,), dtype=U64, buffer=out, strides=(1,))
     words[offset] = lo.ravel()
     offset = offset.reshape(n, -1)
-    cat_end = offset[:, c0:][~cat_missing] + 8
-    out[cat_end] = ord("\t")
-    out[offset[:, -1][~cat_missing[:, -1]] + 8] = ord("\n")
+    out[offset[:, -1][~cat_missing[:, -1]] + 8] = ord("\n")  # after a non-empty C26
     long = n_digits >= 8  # long numbers: bytes 8.. from big_hi, then the tab
     r, c, n_digits, big_hi = r[long], c[long], n_digits[long], big_hi[long]
     for j in range(4):
@@ -324,7 +330,7 @@ def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts
         byte = np.where(n_digits[sel] == 8 + j, ord("\t"), (big_hi[sel] >> U64(8 * j)) & U64(255))
         out[offset[r[sel], c[sel] + i0] + 8 + j] = byte.astype(np.uint8)
     if row_starts:  # byte offset where each row begins, and the total
-        return out[:-16].tobytes(), np.append(offset[:, 0], len(out) - 16)
+        return out[:-16], np.append(offset[:, 0], len(out) - 16)
     return out[:-16].tobytes()
 
 

@@ -1,8 +1,8 @@
 """Stage 2, step 3: train one CTR model (LR, FM, DNN, DeepFM, DCN, DCN-v2) on Criteo-format data.
 
 What you learn here: the whole CTR training loop by hand - a streaming loader feeding hashed ids,
-one 2^20-row embedding table trained with sparse gradients (SparseAdam touches only the rows of
-the batch), LogLoss + AUC on validation, early stopping, checkpoints you can resume from, and
+one 2^20-row embedding table trained with sparse gradients (RowSparseAdam, models/optim.py,
+touches only the rows of the batch), LogLoss + AUC on validation, early stopping, checkpoints you can resume from, and
 DDP across processes with the same script (torchrun). On synthetic data the oracle's scores are
 printed next to the model's, so you see how far from the best possible each model is.
 
@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from models import MODELS, build_model  # noqa: E402
+from models.optim import RowSparseAdam  # noqa: E402
 
 DATA = HERE / "data" / "synthetic"
 
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--weight-decay", type=float, default=0.0, help="dense parameters only")
     p.add_argument("--sparse-emb", choices=["auto", "on", "off"], default="auto",
-                   help="sparse gradients + SparseAdam for the tables (auto: on for CPU)")
+                   help="sparse gradients + RowSparseAdam for the tables (auto: on for CPU)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num-workers", type=int, default=1, help="loader worker processes")
@@ -135,15 +136,18 @@ def make_stream(loader_mod, files, args, stats, shuffle, group=1):
 
 
 def make_optimizers(model, args, sparse):
-    """Tables with sparse gradients -> SparseAdam (only the rows in the batch move);
-    everything else -> Adam with weight decay."""
+    """Tables with sparse gradients -> RowSparseAdam (only the rows in the batch move; the same
+    update as torch.optim.SparseAdam, 2-4x faster on CPU: see models/optim.py); everything
+    else -> Adam with weight decay, fused (one kernel for all tensors, ~3x faster on CPU than the
+    per-tensor loop for the MLP's ~20 tensors)."""
     tables = [m.weight for m in model.modules()
               if isinstance(m, torch.nn.Embedding) and m.sparse]
     table_ids = {id(t) for t in tables}
     rest = [p for p in model.parameters() if id(p) not in table_ids]
-    opts = [torch.optim.Adam(rest, lr=args.lr, weight_decay=args.weight_decay)]
+    fused = all(p.device.type in ("cpu", "cuda") for p in rest) or None
+    opts = [torch.optim.Adam(rest, lr=args.lr, weight_decay=args.weight_decay, fused=fused)]
     if sparse and tables:
-        opts.append(torch.optim.SparseAdam(tables, lr=args.lr))
+        opts.append(RowSparseAdam(tables, lr=args.lr))
     return opts
 
 
