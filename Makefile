@@ -67,6 +67,9 @@ stage2: venv
 	$(PY) stage2_ctr/02_dataloader.py --bench stage2_ctr/data/bench2m/train.txt
 	$(PY) stage2_ctr/03_compare_models.py --curve-rows 500000,2000000,8000000
 	$(PY) stage2_ctr/04_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
+	$(PY) stage2_ctr/05_binary_cache.py stage2_ctr/data/bench2m/train.txt \
+	    --out stage2_ctr/data/bench2m/train.bin
+	$(PY) stage2_ctr/05_binary_cache.py --read stage2_ctr/data/bench2m/train.bin
 
 stage3: venv
 	$(PY) stage1_adult/02_preprocess.py

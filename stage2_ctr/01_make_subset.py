@@ -130,19 +130,26 @@ class ClickModel:
         """Ranks (n, 26) with -1 = missing, dense ints (n, 13) with a missing mask, and z."""
         # one uniform per cell: below the field's missing rate -> missing, else rescaled into a
         # Zipf-like (log-uniform) rank: rank = floor(V^u) - 1, so head values dominate
+        # (in place where possible: a chunk is a few MB, and every extra pass over it shows)
         u = rng.random((n, N_SPARSE), dtype=np.float32)
         missing = u < self.cat_missing
-        u = (u - self.cat_missing) / (1 - self.cat_missing)
-        ranks = (np.exp(u * self.log_vocab) - 1).astype(np.int64)
-        ranks = np.minimum(ranks, self.vocab - 1)
-        ranks[missing] = -1
+        u -= self.cat_missing
+        u /= 1 - self.cat_missing
+        u *= self.log_vocab
+        np.exp(u, out=u)
+        u -= 1
+        ranks = u.astype(np.int64)
+        np.minimum(ranks, self.vocab - 1, out=ranks)
+        np.copyto(ranks, -1, where=missing)
         z = rng.standard_normal((n, N_DENSE), dtype=np.float32)
-        dense = np.exp(self.dense_mu + self.dense_sigma * z).astype(np.int64)
-        dense = np.minimum(dense, 99_999_999_999)  # 11 digits at most
+        dense_f = self.dense_sigma * z
+        dense_f += self.dense_mu
+        dense = np.exp(dense_f, out=dense_f).astype(np.int64)
+        np.minimum(dense, 99_999_999_999, out=dense)  # 11 digits at most
         neg = rng.random(n, dtype=np.float32) < 0.03  # I2 is -1, -2, -3 now and then
         dense[neg, 1] = -rng.integers(1, 4, neg.sum())
         dense_missing = rng.random((n, N_DENSE), dtype=np.float32) < self.dense_missing
-        z[dense_missing | (dense < 0)] = 0
+        np.copyto(z, 0, where=dense_missing | (dense < 0))
         return ranks, dense, dense_missing, z
 
     def logit_parts(self, ranks, z):
@@ -306,14 +313,15 @@ def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts
     big_lo = np.where(n_digits < 8, (big_lo & ((U64(1) << sh) - U64(1))) | (tab << sh), big_lo)
     lo[r, c + i0] = big_lo
     n_chars[r, c] = n_digits
-    lo[:, i0:c0][dense_missing] = tab
-    n_chars[dense_missing] = 0
+    np.copyto(lo[:, i0:c0], tab, where=dense_missing)
+    np.copyto(n_chars, 0, where=dense_missing)
     length[:, i0:c0] = n_chars + 1
     # categoricals: 8 lowercase hex chars then a tab (newline after C26); missing: tab alone
     lo[:, c0:] = hex_words
-    lo[:, c0:][cat_missing] = tab
+    np.copyto(lo[:, c0:], tab, where=cat_missing)
     lo[:, -1][cat_missing[:, -1]] = U64(ord("\n"))
-    length[:, c0:] = np.where(cat_missing, 1, 9)
+    length[:, c0:] = 9
+    np.copyto(length[:, c0:], 1, where=cat_missing)
     # stores, in field order
     length = length.ravel()
     offset = np.cumsum(length, dtype=np.int64)

@@ -137,9 +137,8 @@ def make_stream(loader_mod, files, args, stats, shuffle, group=1):
 
 def make_optimizers(model, args, sparse):
     """Tables with sparse gradients -> RowSparseAdam (only the rows in the batch move; the same
-    update as torch.optim.SparseAdam, 2-4x faster on CPU: see models/optim.py); everything
-    else -> Adam with weight decay, fused (one kernel for all tensors, ~3x faster on CPU than the
-    per-tensor loop for the MLP's ~20 tensors)."""
+    update as torch.optim.SparseAdam without its sort: see models/optim.py); everything else ->
+    Adam with weight decay, fused (one kernel for all tensors instead of a loop over them)."""
     tables = [m.weight for m in model.modules()
               if isinstance(m, torch.nn.Embedding) and m.sparse]
     table_ids = {id(t) for t in tables}

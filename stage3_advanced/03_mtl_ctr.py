@@ -4,7 +4,7 @@ What you learn here: the recommender version of step 1. The two-label synthetic 
 data of stage2_ctr/01_make_subset.py (--tasks 2: label = click, second column = conversion,
 whose logit is task_corr * click signal + sqrt(1 - task_corr^2) * its own signal) lets us set how
 related the tasks are and know each task's best possible AUC (the oracle). Shared-bottom, MMoE and
-PLE share Stage 2's field embedding (one hashed table, sparse gradients + SparseAdam) and an
+PLE share Stage 2's field embedding (one hashed table, sparse gradients + RowSparseAdam) and an
 equal parameter budget in the multi-task part; the table shows each task's AUC and its gap to the
 oracle at a high and a low task correlation.
 

@@ -4,14 +4,16 @@ What you learn here: where the time goes when the data no longer fits in your he
 fits on disk): how fast the streaming loader reads a 5 GB file with 1 and 2 worker processes and
 how little memory that takes; how training samples/s of each Stage 2 model changes with the
 batch size, fed from preloaded tensors vs from the streaming loader (workers parsing while the
-main process trains); and how close the MLP's matmuls come to the machine's sgemm peak
-(samples/s x FLOPs per sample / peak GFLOP/s, the peak measured in the same run).
+main process trains) vs from Stage 2's binary cache (parsed once, read as fixed-width records);
+and how close the MLP's matmuls come to the machine's sgemm peak (samples/s x FLOPs per sample /
+peak GFLOP/s, the peak measured in the same run).
 
 Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~15 min on 2 cores
         python stage3_advanced/05_throughput.py --quick        # 100k rows, 2 models, ~30 s
         python stage3_advanced/05_throughput.py --device cuda  # GPU figures -> results/gpu.md
 Reads:  stage3_advanced/data/big_<rows>/train.txt, generated once (stage2_ctr/01_make_subset.py
-        --synthetic <rows> --val-frac 0 --test-frac 0) when missing or incomplete.
+        --synthetic <rows> --val-frac 0 --test-frac 0) when missing or incomplete, and its
+        binary cache big_<rows>/train.bin/ (stage2_ctr/05_binary_cache.py), made once too.
 Writes: results/stage3_throughput.md + .png (results/gpu.md with --device cuda);
         runs/stage3_throughput/partial_<device>_<rows>.json keeps every finished measurement, so
         an interrupted run picks up where it stopped (--fresh starts over). Result files are
@@ -141,6 +143,28 @@ def ensure_big_file(args):
     return folder / "train.txt", generator_rss
 
 
+def ensure_binary_cache(cache_mod, path):
+    """Stage 2's binary cache of the big file, made once (written as .tmp, renamed at the end)."""
+    folder = path.with_name("train.bin")
+    if not (folder / "meta.json").exists():
+        print(f"caching {path} as fixed-width binary records in {folder} (once)")
+        cache_mod.write_cache([path], folder, workers=2)
+    return folder
+
+
+def binary_only(cache_mod, folder, batch_size=4096):
+    """One full pass over the binary cache in this process: rows/s."""
+    rows, t0 = 0, time.perf_counter()
+    stream = cache_mod.BinaryStream(folder, batch_size)
+    with tqdm(unit=" rows", unit_scale=True, desc="binary cache") as bar:
+        for dense, _, _ in stream:
+            rows += len(dense)
+            bar.update(len(dense))
+    seconds = time.perf_counter() - t0
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
+            "peak_rss_worker_mb": 0.0}
+
+
 def loader_only(loader_mod, path, workers, batch_size=4096):
     """One full pass of the file through CriteoStream + DataLoader: rows/s."""
     stream = loader_mod.CriteoStream([path], batch_size, group=8, verbose=False)
@@ -209,7 +233,7 @@ def time_training(step, batches, n_steps, device, warmup=2):
 def train_measure(args, loader_mod, path, mem, model_name, batch, source, device):
     """source: 'memory' (slices of preloaded tensors) or 'loader-N' (N worker processes)."""
     torch.manual_seed(0)
-    sparse = device.type == "cpu"  # sparse gradients + SparseAdam on CPU (Stage 2's finding)
+    sparse = device.type == "cpu"  # sparse gradients + RowSparseAdam on CPU (Stage 2's finding)
     model = build_model(model_name, 2 ** args.hash_bits, emb_dim=args.emb_dim,
                         mlp=MLP_SIZES, sparse=sparse).to(device)
     step = make_step(model, device)
@@ -219,6 +243,9 @@ def train_measure(args, loader_mod, path, mem, model_name, batch, source, device
             for i in range(0, len(mem[2]) - batch + 1, batch):
                 yield tuple(t[i:i + batch] for t in mem)
         speed = time_training(step, batches(), n_steps, device)
+    elif source == "binary":  # read in this process: a slice per batch, nothing to parse
+        stream = args.cache_mod.BinaryStream(args.cache_folder, batch)
+        speed = time_training(step, iter(stream), n_steps, device)
     else:
         workers = int(source.split("-")[1])
         stream = loader_mod.CriteoStream([path], batch, group=max(1, 32768 // batch),
@@ -234,7 +261,7 @@ def train_measure(args, loader_mod, path, mem, model_name, batch, source, device
 def sources_of(args, model):
     """Where the batches come from: preloaded tensors, then the loader with N workers."""
     workers = args.worker_list if model in args.sweep_models else args.worker_list[:1]
-    return ["memory"] + [f"loader-{w}" for w in workers]
+    return ["memory"] + [f"loader-{w}" for w in workers] + ["binary"]
 
 
 def sgemm_peak_gflops(device, n=2048, repeats=5):
@@ -264,21 +291,27 @@ def report(args, res, device):
              f"File: {res['file_rows']:,} rows, {res['file_gb']:.2f} GB "
              f"(synthetic Criteo format). Torch threads: {args.threads}. sgemm peak measured "
              f"in this run: {peak:,.0f} GFLOP/s.", "", "## Loader only (full pass)", "",
-             "| workers | rows | rows/s | seconds | peak RSS main MiB | peak RSS per worker MiB |",
+             "| reader, workers | rows | rows/s | seconds | peak RSS main MiB | "
+             "peak RSS per worker MiB |",
              "|---|---|---|---|---|---|"]
-    for w in args.worker_list:
+    for w in args.worker_list + ["binary"]:
         r = res["done"].get(f"scan|{w}")
         if r:
-            lines.append(f"| {w} | {r['rows']:,} | {r['rows_per_s']:,.0f} | "
+            name = ("binary cache, in the main process" if w == "binary"
+                    else f"text loader, {w}")
+            lines.append(f"| {name} | {r['rows']:,} | {r['rows_per_s']:,.0f} | "
                          f"{r['seconds']:.1f} | {r['peak_rss_main_mb']:,.0f} | "
                          f"{r['peak_rss_worker_mb']:,.0f} |")
-    sources = ["memory"] + [f"loader-{w}" for w in args.worker_list]
-    lines += ["", "## Training samples/s (Adam + SparseAdam on CPU, "
+    if res.get("binary_cache_s"):
+        lines += ["", f"The binary cache was made once in {res['binary_cache_s']:.0f} s "
+                  "(stage2_ctr/05_binary_cache.py: one parse of the file, 2 workers)."]
+    sources = ["memory"] + [f"loader-{w}" for w in args.worker_list] + ["binary"]
+    lines += ["", "## Training samples/s (AdamW + RowSparseAdam on CPU, "
               f"emb {args.emb_dim}, MLP {'-'.join(map(str, MLP_SIZES))})", "",
               "| model | batch | " + " | ".join(sources)
-              + " | best loader / memory | MLP share of sgemm peak | peak RSS MiB (loader-"
-              f"{args.worker_list[0]}, main) |",
-              "|---|---|" + "---|" * len(sources) + "---|---|---|"]
+              + " | best text loader / memory | binary / memory | MLP share of sgemm peak | "
+              f"peak RSS MiB (loader-{args.worker_list[0]}, main) |",
+              "|---|---|" + "---|" * len(sources) + "---|---|---|---|"]
     for m in args.models:
         for b in args.batch_list:
             speeds = [res["done"].get(f"train|{m}|{b}|{s}", {}).get("samples_per_s")
@@ -286,12 +319,13 @@ def report(args, res, device):
             if speeds[0] is None:
                 continue
             cells = [f"{s:,.0f}" if s else "-" for s in speeds]
-            best = max([s for s in speeds[1:] if s] or [0])
+            best = max([s for s in speeds[1:-1] if s] or [0])
+            binary = f"{speeds[-1] / speeds[0]:.0%}" if speeds[-1] else "-"
             share = (f"{speeds[0] * flops / 1e9 / peak:.0%}" if m in ("dnn", "deepfm", "dcn",
                                                                      "dcnv2") else "-")
             rss = res["done"].get(f"train|{m}|{b}|{sources[1]}", {}).get("peak_rss_main_mb", 0)
             lines.append(f"| {m} | {b:,} | " + " | ".join(cells)
-                         + f" | {best / speeds[0]:.0%} | {share} | {rss:,.0f} |")
+                         + f" | {best / speeds[0]:.0%} | {binary} | {share} | {rss:,.0f} |")
     gen = res.get("rss_generator_mb")
     lines += ["", "Peak RSS is measured per row (Linux VmHWM reset before each measurement): "
               f"the largest in the main process was {res['rss_main_mb']:,.0f} MiB"
@@ -311,15 +345,17 @@ def plot(args, res, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, m in enumerate(args.models):
-        for source, style in [("memory", "-"), (f"loader-{args.worker_list[0]}", "--")]:
+        for source, style in [("memory", "-"), (f"loader-{args.worker_list[0]}", "--"),
+                              ("binary", ":")]:
             pts = [(b, res["done"][f"train|{m}|{b}|{source}"]["samples_per_s"])
                    for b in args.batch_list if f"train|{m}|{b}|{source}" in res["done"]]
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", ms=3, color=f"C{i}",
-                        label=f"{m} ({'memory' if source == 'memory' else 'loader'})")
+                        label=f"{m} ({source.split('-')[0]})")
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="training samples/s",
            title=f"training throughput, {res['device_name']}\n"
-                 "solid: preloaded tensors, dashed: streaming loader (1 worker)")
+                 "solid: preloaded tensors, dashed: text loader (1 worker), dotted: binary "
+                 "cache")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
@@ -357,9 +393,17 @@ def main(argv=None):
             write_json(partial_path, res)  # atomic: a kill leaves the previous version
         return res["done"][key]
 
+    args.cache_mod = load_numbered("stage2_ctr/05_binary_cache.py", "binary_cache")
+    t_cache = time.perf_counter()
+    cache_existed = (path.with_name("train.bin") / "meta.json").exists()
+    args.cache_folder = ensure_binary_cache(args.cache_mod, path)
+    if not cache_existed:
+        res["binary_cache_s"] = time.perf_counter() - t_cache
     for w in args.worker_list:
         r = record(f"scan|{w}", lambda: loader_only(loader_mod, path, w))
         print(f"loader only, {w} worker(s): {r['rows_per_s']:,.0f} rows/s over {r['rows']:,}")
+    r = record("scan|binary", lambda: binary_only(args.cache_mod, args.cache_folder))
+    print(f"binary cache only: {r['rows_per_s']:,.0f} rows/s over {r['rows']:,}")
     mem = preload(loader_mod, path, max(4 * max(args.batch_list), args.train_rows)
                   + 2 * max(args.batch_list))
     jobs = [(m, b, s) for m in args.models for b in args.batch_list

@@ -264,3 +264,49 @@ def test_make_subset_missing_input_is_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             make.main(["--input", str(tmp_path / "none.txt"), "--out-dir", str(tmp_path)] + extra)
         assert "none.txt: not found" in str(e.value) and "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------- the binary cache
+cache = load_script("stage2_ctr/05_binary_cache.py")
+
+
+def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):
+    out, _ = synth
+    folder = tmp_path / "train.bin"
+    meta = cache.main([str(out / "train.txt"), "--out", str(folder), "--workers", "0"])
+    dense, sparse, label, _ = read_all([out / "train.txt"])
+    assert meta["rows"] == len(label) and not list(tmp_path.glob("*.tmp"))
+    batches = list(cache.BinaryStream(folder, 512))
+    assert len(batches[0][0]) == 512 and batches[0][1].dtype == torch.int64
+    b_dense, b_sparse, b_label = (torch.cat(x) for x in zip(*batches))
+    assert torch.equal(b_dense, dense) and torch.equal(b_sparse, sparse)
+    assert torch.equal(b_label, label) and b_label.dim() == 1
+
+
+def test_binary_cache_workers_share_the_batches_and_shuffle_keeps_every_row(synth, tmp_path):
+    out, _ = synth
+    folder = tmp_path / "train.bin"
+    cache.write_cache([out / "train.txt"], folder, workers=2, progress=False)
+    whole = torch.cat([s for _, s, _ in cache.BinaryStream(folder, 300)])
+    dl = torch.utils.data.DataLoader(cache.BinaryStream(folder, 300, group=2), batch_size=None,
+                                     num_workers=2)
+    shared = torch.cat([s for _, s, _ in dl])
+    shuffled = cache.BinaryStream(folder, 300, shuffle=True, group=1)
+    shuffled.set_epoch(1)
+    mixed = torch.cat([s for _, s, _ in shuffled])
+    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
+    assert len(shared) == len(whole) == len(mixed) > 0
+    assert key(shared) == key(whole) == key(mixed) and not torch.equal(mixed, whole)
+
+
+def test_binary_cache_bad_input_is_one_line(tmp_path, synth):
+    with pytest.raises(SystemExit, match="not a binary cache"):
+        cache.main(["--read", str(tmp_path / "nothing")])
+    folder = tmp_path / "c.bin"
+    cache.write_cache([synth[0] / "val.txt"], folder, workers=0, progress=False)
+    with open(folder / "sparse.bin", "r+b") as f:  # a cut-off file
+        f.truncate(100)
+    with pytest.raises(ValueError, match="sparse.bin: expected"):
+        cache.BinaryStream(folder, 64)
+    with pytest.raises(SystemExit):
+        cache.parse_args(["x.txt", "--out", "y", "--hash-bits", "32"])

@@ -166,6 +166,8 @@ def test_quick_mode_writes_its_results(script, extra, tiny_npz, tmp_path):
     assert out.exists() and out.stat().st_size > 200
     assert out.with_suffix(".png").exists()
     assert "Command:" in out.read_text()
+    if script == "05_throughput.py":  # the binary cache is a source of its own
+        assert "binary / memory" in out.read_text()
     assert not list(out.parent.glob("*.tmp"))  # atomic writes leave no temp files
 
 

@@ -10,11 +10,12 @@ only those rows, with the usual Adam math per row r:
     w_r = w_r - lr * sqrt(1 - b2^t) / (1 - b1^t) * m_r / (sqrt(v_r) + eps)
 
 torch.optim.SparseAdam computes exactly this, but it first coalesces the gradient (a sort of
-the ~26k ids) and works through sparse-tensor ops; at batch 1024 that is ~17 ms a step on this
-CPU, more than the whole forward pass. RowSparseAdam sums the repeats without sorting (a scratch
-array with one slot per table row remembers where each id went, see `distinct_rows`) and then
-reads and writes the three (U, k) blocks of the U distinct rows with index_select / index_copy_:
-same numbers (tests/test_stage2_models.py checks it against SparseAdam), 2-4x less time.
+the ~26k ids, every step) and works through sparse-tensor ops. RowSparseAdam sums the repeats
+without sorting (a scratch array with one slot per table row remembers where each id went, see
+`distinct_rows`) and then reads and writes the (U, k) blocks of the U distinct rows with
+index_select / index_copy_: same numbers (tests/test_stage2_models.py checks it against
+SparseAdam); with fused Adam for the MLP, the whole DeepFM step at batch 1024 runs ~30% faster
+(stage2_ctr/04_bench_throughput.py, results/stage2_throughput.md).
 """
 import math
 
@@ -71,7 +72,7 @@ class RowSparseAdam(torch.optim.Optimizer):
                     last_ids, last_rows = ids, distinct_rows(ids, slot)
                 rows, where = last_rows
                 # a table of one column is handled as a vector: row gathers on a (N, 1) tensor
-                # take ~3x longer on CPU than on the same memory seen as (N,)
+                # are slower on CPU than on the same memory seen as (N,)
                 shape = (-1,) if p[0].numel() == 1 else (p.shape[0], -1)
                 weight, exp_avg, exp_avg_sq = (t.view(shape) for t in
                                                (p, state["exp_avg"], state["exp_avg_sq"]))
