@@ -19,7 +19,7 @@ dependencies of the project.
 Run:    python stage2_ctr/04_bench_throughput.py [--rows 200000] [--threads 2] [--repeats 5]
         python stage2_ctr/04_bench_throughput.py --skip-others      # no pip, ours only
 Writes: results/stage2_throughput.md, runs/bench_throughput/metrics.json
-Time:   ~25 min on 2 CPU cores (plus the pip install, seconds from a local cache).
+Time:   ~20 min on 2 CPU cores (plus the pip install, seconds from a local cache).
 """
 import argparse
 import json

@@ -19,7 +19,7 @@ Run:    python stage2_ctr/05_binary_cache.py stage2_ctr/data/synthetic/train.txt
 Import: BinaryStream(folder, batch_size) - the same (dense, sparse, label) batches as
         CriteoStream, sharded over DataLoader workers and DDP ranks the same way
 Writes: <out>/{dense,sparse,label}.bin + meta.json (written as <out>.tmp, renamed when complete)
-Time:   about as long as one pass of the loader (2M rows: ~5 s with 2 workers)
+Time:   one pass of the loader: 2M rows in 3.5 s with 2 workers here; reading them back: 0.1 s
 """
 import argparse
 import importlib.util

@@ -8,7 +8,7 @@ main process trains) vs from Stage 2's binary cache (parsed once, read as fixed-
 and how close the MLP's matmuls come to the machine's sgemm peak (samples/s x FLOPs per sample /
 peak GFLOP/s, the peak measured in the same run).
 
-Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~15 min on 2 cores
+Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~17 min on 2 cores
         python stage3_advanced/05_throughput.py --quick        # 100k rows, 2 models, ~30 s
         python stage3_advanced/05_throughput.py --device cuda  # GPU figures -> results/gpu.md
 Reads:  stage3_advanced/data/big_<rows>/train.txt, generated once (stage2_ctr/01_make_subset.py
