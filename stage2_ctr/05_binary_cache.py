@@ -85,16 +85,21 @@ def write_cache(files, out, hash_bits=20, stats=None, n_labels=1, workers=2, pro
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
     sinks = {name: open(tmp / f"{name}.bin", "wb") for name in COLUMNS}
     rows, t0 = 0, time.perf_counter()
-    with tqdm(unit=" rows", unit_scale=True, desc="caching", disable=not progress) as bar:
-        for dense, sparse, label in loader:
-            arrays = {"dense": dense, "sparse": sparse.to(torch.int32),
-                      "label": label if label.dim() == 2 else label[:, None]}
-            for name, a in arrays.items():
-                sinks[name].write(a.numpy().astype(COLUMNS[name], copy=False).tobytes())
-            rows += len(dense)
-            bar.update(len(dense))
-    for f in sinks.values():
-        f.close()
+    try:
+        with tqdm(unit=" rows", unit_scale=True, desc="caching", disable=not progress) as bar:
+            for dense, sparse, label in loader:
+                arrays = {"dense": dense, "sparse": sparse.to(torch.int32),
+                          "label": label if label.dim() == 2 else label[:, None]}
+                for name, a in arrays.items():
+                    sinks[name].write(a.numpy().astype(COLUMNS[name], copy=False).tobytes())
+                rows += len(dense)
+                bar.update(len(dense))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing behind
+        raise
+    finally:
+        for f in sinks.values():
+            f.close()
     meta = {"script": "stage2_ctr/05_binary_cache.py", "rows": rows,
             "sources": [str(f) for f in files], "hash_bits": hash_bits,
             "dense_stats": str(stats) if stats else None, "n_labels": n_labels,
@@ -188,7 +193,14 @@ def main(argv=None):
         files = [loader_mod.check_path(f) for f in args.files]
     except (FileNotFoundError, IsADirectoryError, ValueError) as e:
         raise SystemExit(str(e))
-    meta = write_cache(files, args.out, args.hash_bits, args.stats, args.labels, args.workers)
+    if args.stats and not Path(args.stats).is_file():
+        raise SystemExit(f"{args.stats}: no such statistics file (make it with "
+                         f"python stage2_ctr/02_dataloader.py --fit-stats {files[0]})")
+    try:
+        meta = write_cache(files, args.out, args.hash_bits, args.stats, args.labels,
+                           args.workers)
+    except ValueError as e:  # too many malformed rows: the loader's line (a worker's error
+        raise SystemExit(str(e).strip().splitlines()[-1])  # arrives with its traceback)
     print(f"cached {meta['rows']:,} rows in {meta['seconds']:.1f} s "
           f"({meta['rows'] / max(meta['seconds'], 1e-9):,.0f} rows/s) -> {args.out}")
     return meta

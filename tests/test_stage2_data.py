@@ -310,3 +310,11 @@ def test_binary_cache_bad_input_is_one_line(tmp_path, synth):
         cache.BinaryStream(folder, 64)
     with pytest.raises(SystemExit):
         cache.parse_args(["x.txt", "--out", "y", "--hash-bits", "32"])
+    with pytest.raises(SystemExit, match="no such statistics file"):
+        cache.main([str(synth[0] / "val.txt"), "--out", str(tmp_path / "s.bin"),
+                    "--stats", str(tmp_path / "none.json")])
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not\ta criteo line\n" * 2000)
+    with pytest.raises(SystemExit, match="bad.txt: .*malformed"):
+        cache.main([str(bad), "--out", str(tmp_path / "bad.bin"), "--workers", "1"])
+    assert not (tmp_path / "bad.bin").exists() and not (tmp_path / "bad.bin.tmp").exists()
