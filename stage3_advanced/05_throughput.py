@@ -5,10 +5,12 @@ fits on disk): how fast the streaming loader reads a 5 GB file with 1 and 2 work
 how little memory that takes; how training samples/s of each Stage 2 model changes with the
 batch size, fed from preloaded tensors vs from the streaming loader (workers parsing while the
 main process trains) vs from Stage 2's binary cache (parsed once, read as fixed-width records);
-and how close the MLP's matmuls come to the machine's sgemm peak (samples/s x FLOPs per sample /
-peak GFLOP/s, the peak measured in the same run).
+how close the MLP's matmuls come to the machine's sgemm peak (samples/s x FLOPs per sample /
+peak GFLOP/s, the peak measured in the same run); and why memory follows the batch, not the
+file: batches above --micro-batch go through forward/backward in slices whose gradients add up
+before one optimizer step (gradient accumulation), so a 32k batch needs the activations of 2k.
 
-Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~17 min on 2 cores
+Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~15 min on 2 cores
         python stage3_advanced/05_throughput.py --quick        # 100k rows, 2 models, ~30 s
         python stage3_advanced/05_throughput.py --device cuda  # GPU figures -> results/gpu.md
 Reads:  stage3_advanced/data/big_<rows>/train.txt, generated once (stage2_ctr/01_make_subset.py
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--emb-dim", type=int, default=16)
     p.add_argument("--hash-bits", type=int, default=20)
     p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--micro-batch", type=int, default=2048,
+                   help="batches larger than this run forward/backward in micro-batches of "
+                        "this size, gradients summed before one optimizer step (0 = never)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--fresh", action="store_true", help="ignore finished measurements")
     p.add_argument("--quick", action="store_true",
@@ -76,6 +81,8 @@ def parse_args(argv=None):
     args.worker_list = [int(w) for w in args.workers.split(",") if w]
     if min(args.batch_list) < 1 or min(args.worker_list) < 1:
         p.error("--batch-sizes and --workers must be >= 1")
+    if args.micro_batch < 0:
+        p.error("--micro-batch must be >= 0 (0 = every batch in one pass)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device visible to torch")
     if args.out is None:
@@ -102,6 +109,21 @@ def worker_peak_mb(loader_iter):
         peaks += [int(x.split()[1]) / 1024 for x in status.splitlines()
                   if x.startswith("VmHWM:")]
     return max(peaks, default=0.0)
+
+
+def worker_private_mb(loader_iter):
+    """Largest private memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup)
+    among the live workers: the pages a worker adds to the machine's use. Its other resident
+    pages are shared with the main process (fork) and already counted in the main's RSS."""
+    sizes = []
+    for w in getattr(loader_iter, "_workers", []):
+        try:
+            rollup = Path(f"/proc/{w.pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        sizes.append(sum(int(x.split()[1]) for x in rollup.splitlines()
+                         if x.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024)
+    return max(sizes, default=0.0)
 
 
 def reset_peak_rss():
@@ -195,16 +217,39 @@ def preload(loader_mod, path, rows):
 
 
 # ---------------------------------------------------------------------------------- training
-def make_step(model, device):
+def make_step(model, device, micro_batch=0):
+    """One optimizer step per batch. With micro_batch > 0 a larger batch goes through forward
+    and backward in slices of micro_batch rows (gradient accumulation): activation memory is
+    that of one slice, not of the batch. Each slice's loss is its summed BCE / batch rows, so
+    the gradients add up to the whole batch's mean-loss gradient - the same update, except that
+    BatchNorm normalizes each slice by its own statistics ("ghost" batch norm). The slices'
+    sparse embedding gradients are set aside and concatenated once (RowSparseAdam sums repeated
+    rows anyway): letting autograd add them up re-sorts the growing sum at every slice, which
+    cost LR 4x its samples/s at batch 32768 in slices of 2048 here."""
     opts = make_optimizers(model, 1e-3, 0.0)
 
     def step(dense, sparse, label):
         dense, sparse = dense.to(device, non_blocking=True), sparse.to(device, non_blocking=True)
-        loss = F.binary_cross_entropy_with_logits(model(dense, sparse),
-                                                  label.to(device, non_blocking=True))
+        label = label.to(device, non_blocking=True)
         for o in opts:
             o.zero_grad(set_to_none=True)
-        loss.backward()
+        n = len(label)
+        size = micro_batch if 0 < micro_batch < n else n
+        sparse_grads = {}
+        for i in range(0, n, size):
+            logits = model(dense[i:i + size], sparse[i:i + size])
+            loss = F.binary_cross_entropy_with_logits(logits, label[i:i + size],
+                                                      reduction="sum") / n
+            loss.backward()
+            if size < n:
+                for p in model.parameters():
+                    if p.grad is not None and p.grad.is_sparse:
+                        sparse_grads.setdefault(p, []).append(p.grad)
+                        p.grad = None
+        for p, grads in sparse_grads.items():
+            p.grad = torch.sparse_coo_tensor(torch.cat([g._indices() for g in grads], dim=1),
+                                             torch.cat([g._values() for g in grads]),
+                                             grads[0].shape, check_invariants=False)
         for o in opts:
             o.step()
     return step
@@ -231,13 +276,24 @@ def time_training(step, batches, n_steps, device, warmup=2):
 
 
 def train_measure(args, loader_mod, path, mem, model_name, batch, source, device):
-    """source: 'memory' (slices of preloaded tensors) or 'loader-N' (N worker processes)."""
+    """source: 'memory' (slices of preloaded tensors), 'loader-N' (N worker processes) or
+    'binary' (Stage 2's binary cache, read in this process)."""
+    it = None
+    if source.startswith("loader"):
+        # Workers start (fork) before the model exists: a forked child shares every page its
+        # parent has at that moment, and Linux counts them in both RSS figures.
+        stream = loader_mod.CriteoStream([path], batch, group=max(1, 32768 // batch),
+                                         verbose=False)
+        it = iter(torch.utils.data.DataLoader(stream, batch_size=None,
+                                              num_workers=int(source.split("-")[1]),
+                                              pin_memory=device.type == "cuda"))
     torch.manual_seed(0)
     sparse = device.type == "cpu"  # sparse gradients + RowSparseAdam on CPU (Stage 2's finding)
     model = build_model(model_name, 2 ** args.hash_bits, emb_dim=args.emb_dim,
                         mlp=MLP_SIZES, sparse=sparse).to(device)
-    step = make_step(model, device)
+    step = make_step(model, device, args.micro_batch)
     n_steps = max(4, args.train_rows // batch)
+    extra = {}
     if source == "memory":
         def batches():
             for i in range(0, len(mem[2]) - batch + 1, batch):
@@ -247,15 +303,19 @@ def train_measure(args, loader_mod, path, mem, model_name, batch, source, device
         stream = args.cache_mod.BinaryStream(args.cache_folder, batch)
         speed = time_training(step, iter(stream), n_steps, device)
     else:
-        workers = int(source.split("-")[1])
-        stream = loader_mod.CriteoStream([path], batch, group=max(1, 32768 // batch),
-                                         verbose=False)
-        dl = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
-        speed = time_training(step, loader_mod.iter_batches(dl, batch), n_steps, device)
-        del dl
+        speed = time_training(step, loader_mod.iter_batches(it, batch), n_steps, device)
+        extra["peak_rss_worker_mb"] = worker_peak_mb(it)
+        extra["private_worker_mb"] = worker_private_mb(it)  # sampled at the end: steady state
+        del it
     return {"model": model_name, "batch": batch, "source": source, "samples_per_s": speed,
-            "params": n_params(model)}
+            "params": n_params(model),
+            "micro_batch": args.micro_batch if 0 < args.micro_batch < batch else 0, **extra}
+
+
+def train_key(args, model, batch, source, micro_batch=None):
+    """The measurement's name in the partial JSON; micro-batched steps get their own."""
+    micro = args.micro_batch if micro_batch is None else micro_batch
+    return f"train|{model}|{batch}|{source}" + (f"|micro{micro}" if 0 < micro < batch else "")
 
 
 def sources_of(args, model):
@@ -310,11 +370,12 @@ def report(args, res, device):
               f"emb {args.emb_dim}, MLP {'-'.join(map(str, MLP_SIZES))})", "",
               "| model | batch | " + " | ".join(sources)
               + " | best text loader / memory | binary / memory | MLP share of sgemm peak | "
-              f"peak RSS MiB (loader-{args.worker_list[0]}, main) |",
+              f"loader-{args.worker_list[0]} memory MiB: main peak RSS + worker private "
+              "= total |",
               "|---|---|" + "---|" * len(sources) + "---|---|---|---|"]
     for m in args.models:
         for b in args.batch_list:
-            speeds = [res["done"].get(f"train|{m}|{b}|{s}", {}).get("samples_per_s")
+            speeds = [res["done"].get(train_key(args, m, b, s), {}).get("samples_per_s")
                       for s in sources]
             if speeds[0] is None:
                 continue
@@ -323,15 +384,25 @@ def report(args, res, device):
             binary = f"{speeds[-1] / speeds[0]:.0%}" if speeds[-1] else "-"
             share = (f"{speeds[0] * flops / 1e9 / peak:.0%}" if m in ("dnn", "deepfm", "dcn",
                                                                      "dcnv2") else "-")
-            rss = res["done"].get(f"train|{m}|{b}|{sources[1]}", {}).get("peak_rss_main_mb", 0)
-            lines.append(f"| {m} | {b:,} | " + " | ".join(cells)
-                         + f" | {best / speeds[0]:.0%} | {binary} | {share} | {rss:,.0f} |")
+            r = res["done"].get(train_key(args, m, b, sources[1]), {})
+            rss = f"{r.get('peak_rss_main_mb', 0):,.0f}" + (
+                f" + {r['private_worker_mb']:,.0f} = "
+                f"{r['peak_rss_main_mb'] + r['private_worker_mb']:,.0f}"
+                if "private_worker_mb" in r else "")
+            batch = f"{b:,}" + (f" ({b // args.micro_batch} x {args.micro_batch:,})"
+                                if 0 < args.micro_batch < b else "")
+            lines.append(f"| {m} | {batch} | " + " | ".join(cells)
+                         + f" | {best / speeds[0]:.0%} | {binary} | {share} | {rss} |")
+    lines += micro_batch_section(args, res, sources[:2])
     gen = res.get("rss_generator_mb")
     lines += ["", "Peak RSS is measured per row (Linux VmHWM reset before each measurement): "
               f"the largest in the main process was {res['rss_main_mb']:,.0f} MiB"
               + (f"; the generator (01_make_subset.py, {res['file_rows']:,} rows) peaked at "
-                 f"{gen:,.0f} MiB" if gen else "") + ". A forked worker's RSS includes the "
-              "pages it shares copy-on-write with the main process."
+                 f"{gen:,.0f} MiB" if gen else "") + ". A forked worker's RSS (VmHWM, "
+              f"{worker_rss_range(res, args)} MiB during training) includes the pages it shares "
+              "copy-on-write with the main process, already counted there; the total above "
+              "adds only the worker's private pages (USS, from /proc/PID/smaps_rollup at the "
+              "end of the measurement)."
               + (f" Peak GPU memory {res['gpu_mb']:,.0f} MiB." if res.get("gpu_mb") else ""),
               "", f"Command: `python stage3_advanced/05_throughput.py"
               f"{' --quick' if args.quick else ''}"
@@ -341,21 +412,54 @@ def report(args, res, device):
     return "\n".join(lines) + "\n"
 
 
+def worker_rss_range(res, args):
+    peaks = [r["peak_rss_worker_mb"] for k, r in res["done"].items()
+             if k.startswith("train|") and "peak_rss_worker_mb" in r]
+    return f"{min(peaks):,.0f}-{max(peaks):,.0f}" if peaks else "-"
+
+
+def micro_batch_section(args, res, sources):
+    """Batches above --micro-batch: one forward/backward pass vs micro-batches, where the
+    partial JSON holds both (run once with --micro-batch 0 to measure the one-pass rows)."""
+    rows = []
+    for m in args.models:
+        for b in args.batch_list:
+            for s in sources:
+                one = res["done"].get(train_key(args, m, b, s, micro_batch=0))
+                micro = res["done"].get(train_key(args, m, b, s))
+                if one is None or micro is None or one is micro:
+                    continue
+                rows.append(f"| {m} | {b:,} | {s} | {one['samples_per_s']:,.0f} | "
+                            f"{micro['samples_per_s']:,.0f} | {one['peak_rss_main_mb']:,.0f} | "
+                            f"{micro['peak_rss_main_mb']:,.0f} |")
+    if not rows:
+        return []
+    return ["", f"## Large batches: one pass vs micro-batches of {args.micro_batch:,}", "",
+            "Activation memory grows with the batch; the table and the gradients do not. "
+            "Slicing a batch for forward/backward and summing the gradients before the one "
+            "optimizer step keeps the update (BatchNorm aside) and the memory of a small batch. "
+            "(The one-pass rows are measurements of `--micro-batch 0` kept in the partial JSON; "
+            "where they come from another session of the script than the micro-batched ones, "
+            "their samples/s ratio carries that session-to-session noise.)",
+            "", "| model | batch | source | samples/s, one pass | samples/s, micro-batches | "
+            "peak RSS main MiB, one pass | peak RSS main MiB, micro-batches |",
+            "|---|---|---|---|---|---|---|", *rows]
+
+
 def plot(args, res, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, m in enumerate(args.models):
         for source, style in [("memory", "-"), (f"loader-{args.worker_list[0]}", "--"),
                               ("binary", ":")]:
-            pts = [(b, res["done"][f"train|{m}|{b}|{source}"]["samples_per_s"])
-                   for b in args.batch_list if f"train|{m}|{b}|{source}" in res["done"]]
+            pts = [(b, res["done"][train_key(args, m, b, source)]["samples_per_s"])
+                   for b in args.batch_list if train_key(args, m, b, source) in res["done"]]
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", ms=3, color=f"C{i}",
                         label=f"{m} ({source.split('-')[0]})")
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="training samples/s",
            title=f"training throughput, {res['device_name']}\n"
-                 "solid: preloaded tensors, dashed: text loader (1 worker), dotted: binary "
-                 "cache")
+                 "solid: in memory, dashed: text loader (1 worker), dotted: binary cache")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
@@ -386,6 +490,8 @@ def main(argv=None):
     print(f"{path}: {args.rows:,} rows, {res['file_gb']:.2f} GB | sgemm peak "
           f"{res['sgemm_gflops']:,.0f} GFLOP/s on {res['device_name']}")
 
+    n_done_before = len(res["done"])
+
     def record(key, fn):
         if key not in res["done"]:
             reset_peak_rss()
@@ -409,13 +515,17 @@ def main(argv=None):
     jobs = [(m, b, s) for m in args.models for b in args.batch_list
             for s in sources_of(args, m)]
     for m, b, s in tqdm(jobs, desc="training measurements"):
-        r = record(f"train|{m}|{b}|{s}",
+        r = record(train_key(args, m, b, s),
                    lambda: train_measure(args, loader_mod, path, mem, m, b, s, device))
         tqdm.write(f"{m:<7} batch {b:>6,} {s:<9} {r['samples_per_s']:>10,.0f} samples/s")
-    res["rss_main_mb"] = max(r["peak_rss_main_mb"] for r in res["done"].values())
+    current = [f"scan|{w}" for w in args.worker_list + ["binary"]] + [
+        train_key(args, m, b, s) for m, b, s in jobs]
+    res["rss_main_mb"] = max(res["done"][k]["peak_rss_main_mb"] for k in current
+                             if k in res["done"])
     if device.type == "cuda":
         res["gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    res.setdefault("session_s", []).append(time.perf_counter() - t0)
+    if len(res["done"]) > n_done_before or not res.get("session_s"):  # measured something
+        res.setdefault("session_s", []).append(time.perf_counter() - t0)
     write_json(partial_path, res)
     out = Path(args.out)
     table = report(args, res, device)

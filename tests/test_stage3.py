@@ -144,6 +144,29 @@ def test_missing_ctr_data_names_the_command_to_run(tmp_path):
     assert "stage2_ctr/01_make_subset.py --synthetic" in str(e.value.code)
 
 
+def test_micro_batched_step_makes_the_one_pass_update():
+    """05's gradient accumulation: slices of 64 rows, one optimizer step, the same parameters
+    as one pass over the 256 rows (FM: no BatchNorm, whose statistics would differ)."""
+    throughput = load_script("stage3_advanced/05_throughput.py")
+    from models import build_model
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(256, 13, generator=g)
+    sparse = torch.randint(0, 64, (256, 26), generator=g)  # ids repeat across the slices
+    label = torch.randint(0, 2, (256,), generator=g).float()
+    params = []
+    for micro in (0, 64):
+        torch.manual_seed(0)
+        model = build_model("fm", 64, emb_dim=4, sparse=True)
+        initial = [t.detach().clone() for t in model.parameters()]
+        step = throughput.make_step(model, torch.device("cpu"), micro)
+        for _ in range(2):
+            step(dense, sparse, label)
+        params.append([t.detach().clone() for t in model.parameters()])
+        assert all(not torch.equal(a, b) for a, b in zip(initial, params[-1]))  # all moved
+    for one, sliced in zip(*params):
+        torch.testing.assert_close(sliced, one, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ every --quick end to end
 @pytest.mark.parametrize("script, extra", [
     ("01_mtl_adult.py", "npz"),
