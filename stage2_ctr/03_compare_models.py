@@ -4,10 +4,14 @@ What you learn here: on data with planted pairwise and third-order crosses (01 -
 can only learn the first-order part, FM adds the pairwise part, and the deep models add what is
 left; the oracle line shows how far each stays from the best possible. The learning curve shows
 the gap shrinking as training rows grow. Same seeds, same data, same epochs for every model.
+The report checks the order the planted structure suggests (LR < FM, DNN < DeepFM, DCN) on the
+3-seed means and on every curve row, and names the pairs that fail.
 
-Run:    python stage2_ctr/03_compare_models.py                      # ~20 min on 2 CPU cores
-        python stage2_ctr/03_compare_models.py --curve-rows 500000,2000000,8000000  # ~40 min
-        python stage2_ctr/03_compare_models.py --quick              # ~2 min, a smoke test
+Run:    python stage2_ctr/03_compare_models.py                  # ~55 min of training, 2 cores
+        python stage2_ctr/03_compare_models.py --curve-rows ''  # the 3-seed table only, ~25 min
+        python stage2_ctr/03_compare_models.py --quick          # ~2 min, a smoke test
+        A finished run (runs/cmp_*/metrics.json with the same settings) is read back, not
+        retrained: a killed comparison picks up where it stopped (--fresh retrains all).
 Reads:  stage2_ctr/data/compare_<rows>/ (made here with 01_make_subset.py when missing)
 Writes: results/stage2_models.md, results/stage2_models.png, results/stage2_learning_curve.png,
         runs/cmp_*/metrics.json
@@ -38,9 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--rows", type=int, default=None,
                    help="synthetic rows, split 8:1:1 (default 1,000,000; --quick: 60,000)")
-    p.add_argument("--curve-rows", default="500000,2000000",
+    p.add_argument("--curve-rows", default="500000,2000000,8000000",
                    help="training-set sizes of the learning curve ('' to skip)")
-    p.add_argument("--curve-models", default="lr,deepfm", help="models on the learning curve")
+    p.add_argument("--curve-models", default="lr,fm,dnn,deepfm,dcn",
+                   help="models on the learning curve")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--lrs", default="0.002,0.01",
@@ -50,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per training")
     p.add_argument("--num-workers", type=int, default=1, help="loader workers per training")
     p.add_argument("--quick", action="store_true", help="60k rows, 1 seed, no curve")
+    p.add_argument("--fresh", action="store_true",
+                   help="retrain every run (default: reuse finished runs with the same settings)")
     p.add_argument("--out-dir", default=str(ROOT / "results"))
     p.add_argument("--data-dir", default=str(HERE / "data"), help="where compare_<rows>/ goes")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"))
@@ -61,6 +68,7 @@ def parse_args(argv=None):
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     args.curve_list = [int(r) for r in args.curve_rows.split(",") if r]
     args.lr_list = [float(x) for x in args.lrs.split(",") if x]
+    args.reused, args.run_seconds = [], []
     return args
 
 
@@ -73,14 +81,48 @@ def dataset(total_rows, data_dir):
     return folder
 
 
+# the settings that decide a run's metrics (threads, workers and paths of the output do not)
+SAME_RUN_KEYS = ("model", "train", "val", "test", "epochs", "max_steps", "batch_size", "lr",
+                 "emb_dim", "hash_bits", "mlp", "cross_layers", "dropout", "weight_decay",
+                 "sparse_emb", "shuffle_buffer", "seed")
+
+
 def train(trainer, folder, model, seed, args, tag, lr):
-    return trainer.run(["--model", model, "--seed", str(seed), "--train", str(folder / "train.txt"),
-                        "--val", str(folder / "val.txt"), "--test", str(folder / "test.txt"),
-                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                        "--lr", str(lr), "--emb-dim", str(args.emb_dim), "--mlp", args.mlp,
-                        "--threads", str(args.threads), "--num-workers", str(args.num_workers),
-                        "--eval-every", "0", "--runs-dir", args.runs_dir, "--run-name", f"cmp_{tag}_{model}_lr{lr:g}_s{seed}",
-                        "--quiet"])
+    """One train_ctr.py run; a finished run with the same settings (its metrics.json under
+    --runs-dir) is read back instead, so an interrupted comparison resumes (--fresh: retrain)."""
+    argv = ["--model", model, "--seed", str(seed), "--train", str(folder / "train.txt"),
+            "--val", str(folder / "val.txt"), "--test", str(folder / "test.txt"),
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--lr", str(lr), "--emb-dim", str(args.emb_dim), "--mlp", args.mlp,
+            "--threads", str(args.threads), "--num-workers", str(args.num_workers),
+            "--eval-every", "0", "--runs-dir", args.runs_dir,
+            "--run-name", f"cmp_{tag}_{model}_lr{lr:g}_s{seed}", "--quiet"]
+    wanted = vars(trainer.parse_args(argv))
+    done = Path(args.runs_dir) / wanted["run_name"] / "metrics.json"
+    if not args.fresh and done.exists():
+        metrics = json.loads(done.read_text())
+        if all(metrics["config"].get(k) == wanted[k] for k in SAME_RUN_KEYS):
+            args.reused.append(wanted["run_name"])
+            args.run_seconds.append(metrics.get("wall_s", 0.0))
+            return metrics
+    metrics = trainer.run(argv)
+    args.run_seconds.append(metrics.get("wall_s", 0.0))
+    return metrics
+
+
+# The order the planted structure suggests: LR sees only first-order terms; FM adds the
+# pairwise ones, the DNN learns crosses implicitly; DeepFM and DCN add explicit crosses to it.
+EXPECTED_ORDER = [("lr", "fm"), ("lr", "dnn"), ("fm", "deepfm"), ("fm", "dcn"),
+                  ("dnn", "deepfm"), ("dnn", "dcn")]
+
+
+def order_check(auc):
+    """auc: {model: test AUC} -> 'holds' or the expected pairs that fail, with their AUCs."""
+    pairs = [(a, b) for a, b in EXPECTED_ORDER if a in auc and b in auc]
+    failed = [f"{a} {auc[a]:.4f} >= {b} {auc[b]:.4f}" for a, b in pairs if auc[a] >= auc[b]]
+    if not pairs:
+        return "-"
+    return "holds" if not failed else "fails: " + "; ".join(failed)
 
 
 def mean_std(xs, fmt="{:.4f}"):
@@ -154,18 +196,30 @@ def write_report(trainer, args, rows, curve, folder, seconds):
         lines.append(f"| {r['model']} | {r['lr']:g} | {mean_std(r['auc'])} | {mean_std(r['logloss'])} | "
                      f"{mean_std(r['gap'])} | {statistics.median(r['samples_per_s']):,.0f} | "
                      f"{r['parameters']:,} |")
+    mean_auc = {r["model"]: statistics.mean(r["auc"]) for r in rows}
+    lines += ["", "Expected order (LR < FM, DNN < DeepFM, DCN) on the mean test AUC: "
+              f"{order_check(mean_auc)}."]
     if curve:
         lines += ["", "## Learning curve (seed 0): test AUC vs training rows", "",
-                  "| training rows | " + " | ".join(curve) + " |",
-                  "|---" * (len(curve) + 1) + "|"]
+                  "| training rows | " + " | ".join(curve) + " | expected order |",
+                  "|---" * (len(curve) + 2) + "|"]
         for i, (n, _) in enumerate(curve["oracle"]):
-            lines.append(f"| {n:,} | " + " | ".join(f"{curve[m][i][1]:.4f}" for m in curve) + " |")
-    flags = " --quick" if args.quick else f" --seeds {args.seeds} --curve-rows {args.curve_rows}"
+            lines.append(f"| {n:,} | " + " | ".join(f"{curve[m][i][1]:.4f}" for m in curve)
+                         + f" | {order_check({m: curve[m][i][1] for m in curve})} |")
+    if args.reused:
+        lines += ["", f"{len(args.reused)} of the {len(args.run_seconds)} runs were read back from "
+                  f"{Path(args.runs_dir).name}/cmp_*/metrics.json (finished earlier by this script "
+                  "with the same settings; --fresh retrains)."]
+    flags = " --quick" if args.quick else (f" --seeds {args.seeds} --curve-rows "
+                                           f"{args.curve_rows} --curve-models {args.curve_models}")
     lines += ["", f"Written by `python stage2_ctr/03_compare_models.py{flags} --threads "
-              f"{args.threads}` in {seconds:.0f} s."]
+              f"{args.threads}` in {seconds:.0f} s; the {len(args.run_seconds)} training runs "
+              f"behind this table took {sum(args.run_seconds) / 60:.0f} min in all (data "
+              "generation not included)."]
     trainer.atomic_write_text(out / "stage2_models.md", "\n".join(lines) + "\n")
 
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -188,6 +242,9 @@ def write_report(trainer, args, rows, curve, folder, seconds):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m,
                     ls="--" if m == "oracle" else "-")
         ax.set(xscale="log", xlabel="training rows", ylabel="test AUC", title="learning curve")
+        sizes = [n for n, _ in curve["oracle"]]
+        ax.set_xticks(sizes, [f"{n / 1e6:g}M" for n in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
         fig.tight_layout()
         save_figure(fig, out / "stage2_learning_curve.png")

@@ -8,7 +8,7 @@ PLE share Stage 2's field embedding (one hashed table, sparse gradients + RowSpa
 equal parameter budget in the multi-task part; the table shows each task's AUC and its gap to the
 oracle at a high and a low task correlation.
 
-Run:    python stage3_advanced/03_mtl_ctr.py --make-data       # 400k rows per corr, ~8 min
+Run:    python stage3_advanced/03_mtl_ctr.py --make-data       # 400k rows per corr, ~6 min
         python stage3_advanced/03_mtl_ctr.py --quick --make-data   # 40k rows, ~1 min
 Reads:  stage3_advanced/data/mtl_ctr_corr{r}/{train,val,test}.txt + meta.json, made by
         python stage2_ctr/01_make_subset.py --synthetic N --tasks 2 --task-corr r --out-dir ...

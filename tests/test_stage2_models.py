@@ -206,14 +206,32 @@ def test_missing_data_is_one_line(tmp_path):
     assert "none.txt" in str(e.value) and "01_make_subset.py" in str(e.value)
 
 
-def test_compare_models_quick_writes_its_table(tmp_path):
-    load_script("stage2_ctr/03_compare_models.py").main(
-        ["--quick", "--rows", "6000", "--models", "lr,dcn", "--lrs", "0.01", "--mlp", "16",
-         "--batch-size", "512", "--num-workers", "0", "--out-dir", str(tmp_path),
-         "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path)])
+def test_compare_models_quick_writes_its_table_and_resumes(tmp_path):
+    compare = load_script("stage2_ctr/03_compare_models.py")
+    argv = ["--quick", "--rows", "6000", "--models", "lr,dcn", "--lrs", "0.01", "--mlp", "16",
+            "--batch-size", "512", "--num-workers", "0", "--out-dir", str(tmp_path),
+            "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path)]
+    compare.main(argv)
     table = (tmp_path / "stage2_models.md").read_text()
     assert "| lr | 0.01 |" in table and "| dcn | 0.01 |" in table and "Oracle" in table
+    assert "Expected order" in table and "read back" not in table
     assert (tmp_path / "stage2_models.png").exists()
+    compare.main(argv)  # both runs finished: read back, same table
+    again = (tmp_path / "stage2_models.md").read_text()
+    assert "2 of the 2 runs were read back" in again
+    def model_rows(text):
+        return [line for line in text.split("\n") if line.startswith(("| lr |", "| dcn |"))]
+    assert len(model_rows(again)) == 2 and model_rows(again) == model_rows(table)
+    compare.main(argv + ["--lrs", "0.02"])  # other settings: trained, not read back
+    assert "read back" not in (tmp_path / "stage2_models.md").read_text()
+
+
+def test_order_check_names_the_pairs_that_fail():
+    compare = load_script("stage2_ctr/03_compare_models.py")
+    auc = {"lr": 0.70, "fm": 0.80, "dnn": 0.82, "deepfm": 0.83, "dcn": 0.81}
+    assert compare.order_check(auc) == "fails: dnn 0.8200 >= dcn 0.8100"
+    assert compare.order_check(dict(auc, dcn=0.84)) == "holds"
+    assert compare.order_check({"lr": 0.7}) == "-"
 
 
 def test_throughput_bench_runs_ours(tmp_path):
