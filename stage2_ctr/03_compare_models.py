@@ -183,7 +183,8 @@ def write_report(trainer, args, rows, curve, folder, seconds):
     lines = ["# Stage 2: CTR models on synthetic Criteo-format data", "",
              f"{args.rows:,} synthetic rows (default generator: planted first-order, pairwise and "
              f"third-order terms), split 8:1:1; {args.epochs} epoch(s), batch {args.batch_size}, "
-             f"learning rate per model picked on val from {args.lrs}, emb {args.emb_dim}, MLP {args.mlp}, hash 2^20, "
+             f"learning rate per model picked on val from {args.lrs}, emb {args.emb_dim}, "
+             f"MLP {args.mlp}, hash 2^20, "
              f"seeds {args.seeds}, CPU, {args.threads} thread(s). Test split: "
              f"{meta['splits']['test']['rows']:,} rows.", "",
              f"Oracle (the true click probability) on the test split: AUC "
@@ -193,7 +194,8 @@ def write_report(trainer, args, rows, curve, folder, seconds):
              "", "| model | lr | test AUC | test logloss | AUC gap to oracle | train samples/s | "
              "parameters |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['lr']:g} | {mean_std(r['auc'])} | {mean_std(r['logloss'])} | "
+        lines.append(f"| {r['model']} | {r['lr']:g} | {mean_std(r['auc'])} | "
+                     f"{mean_std(r['logloss'])} | "
                      f"{mean_std(r['gap'])} | {statistics.median(r['samples_per_s']):,.0f} | "
                      f"{r['parameters']:,} |")
     mean_auc = {r["model"]: statistics.mean(r["auc"]) for r in rows}
