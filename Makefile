@@ -22,7 +22,7 @@ help:
 	@echo "make demo    run Stage 0 -> 1 -> 2 -> 3 (quick) on shipped/synthetic data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
-	@echo "make stage2  Stage 2 in full: loader and throughput benchmarks, model comparison (~60 min)"
+	@echo "make stage2  Stage 2 in full: loader and throughput benchmarks, model comparison (~80 min)"
 	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency (~60 min)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
 
@@ -65,7 +65,7 @@ stage2: venv
 	$(PY) stage2_ctr/01_make_subset.py --synthetic 2000000 --val-frac 0 --test-frac 0 \
 	    --out-dir stage2_ctr/data/bench2m
 	$(PY) stage2_ctr/02_dataloader.py --bench stage2_ctr/data/bench2m/train.txt
-	$(PY) stage2_ctr/03_compare_models.py --curve-rows 500000,2000000,8000000
+	$(PY) stage2_ctr/03_compare_models.py
 	$(PY) stage2_ctr/04_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
 	$(PY) stage2_ctr/05_binary_cache.py stage2_ctr/data/bench2m/train.txt \
 	    --out stage2_ctr/data/bench2m/train.bin
