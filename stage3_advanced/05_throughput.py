@@ -97,34 +97,32 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_peak_mb(loader_iter):
-    """Largest peak RSS (VmHWM) among the live DataLoader workers (Linux; the worker list is a
-    private attribute of the iterator, so 0 where it is missing). A forked worker's RSS also
-    counts the pages it shares copy-on-write with the main process."""
-    peaks = []
-    for w in getattr(loader_iter, "_workers", []):
-        try:
-            status = Path(f"/proc/{w.pid}/status").read_text()
-        except OSError:
-            continue
-        peaks += [int(x.split()[1]) / 1024 for x in status.splitlines()
-                  if x.startswith("VmHWM:")]
-    return max(peaks, default=0.0)
-
-
-def worker_private_mb(loader_iter):
-    """Largest private memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup)
-    among the live workers: the pages a worker adds to the machine's use. Its other resident
-    pages are shared with the main process (fork) and already counted in the main's RSS."""
+def worker_proc_mb(loader_iter, proc_file, fields):
+    """Largest, over the live DataLoader workers, of the sum of `fields` (kB) in
+    /proc/PID/<proc_file>, in MiB (Linux; the worker list is a private attribute of the
+    iterator, so 0 where it is missing)."""
     sizes = []
     for w in getattr(loader_iter, "_workers", []):
         try:
-            rollup = Path(f"/proc/{w.pid}/smaps_rollup").read_text()
+            text = Path(f"/proc/{w.pid}/{proc_file}").read_text()
         except OSError:
             continue
-        sizes.append(sum(int(x.split()[1]) for x in rollup.splitlines()
-                         if x.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024)
+        sizes.append(sum(int(x.split()[1]) for x in text.splitlines()
+                         if x.startswith(fields)) / 1024)
     return max(sizes, default=0.0)
+
+
+def worker_peak_mb(loader_iter):
+    """Peak RSS (VmHWM) of the workers. A forked worker's RSS also counts the pages it shares
+    copy-on-write with the main process."""
+    return worker_proc_mb(loader_iter, "status", ("VmHWM:",))
+
+
+def worker_private_mb(loader_iter):
+    """Private memory (USS: Private_Clean + Private_Dirty) of the workers: the pages a worker
+    adds to the machine's use. Its other resident pages are shared with the main process
+    (fork) and already counted in the main's RSS."""
+    return worker_proc_mb(loader_iter, "smaps_rollup", ("Private_Clean:", "Private_Dirty:"))
 
 
 def reset_peak_rss():
