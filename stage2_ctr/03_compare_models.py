@@ -100,8 +100,13 @@ def train(trainer, folder, model, seed, args, tag, lr):
     wanted = vars(trainer.parse_args(argv))
     done = Path(args.runs_dir) / wanted["run_name"] / "metrics.json"
     if not args.fresh and done.exists():
-        metrics = json.loads(done.read_text())
-        if all(metrics["config"].get(k) == wanted[k] for k in SAME_RUN_KEYS):
+        try:  # an unreadable or foreign metrics.json is not a finished run: train again
+            metrics = json.loads(done.read_text())
+            same = all(metrics["config"].get(k) == wanted[k] for k in SAME_RUN_KEYS)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            print(f"{done}: unreadable, training the run again", flush=True)
+            same = False
+        if same:
             args.reused.append(wanted["run_name"])
             args.run_seconds.append(metrics.get("wall_s", 0.0))
             return metrics

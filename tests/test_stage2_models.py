@@ -222,6 +222,9 @@ def test_compare_models_quick_writes_its_table_and_resumes(tmp_path):
     def model_rows(text):
         return [line for line in text.split("\n") if line.startswith(("| lr |", "| dcn |"))]
     assert len(model_rows(again)) == 2 and model_rows(again) == model_rows(table)
+    (tmp_path / "cmp_main_dcn_lr0.01_s0" / "metrics.json").write_text("{not json")
+    compare.main(argv)  # a broken metrics.json is retrained, not a crash
+    assert "1 of the 2 runs were read back" in (tmp_path / "stage2_models.md").read_text()
     compare.main(argv + ["--lrs", "0.02"])  # other settings: trained, not read back
     assert "read back" not in (tmp_path / "stage2_models.md").read_text()
 
