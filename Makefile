@@ -52,7 +52,7 @@ demo: venv stage0
 	@echo "== Stage 3: MMoE / PLE on Adult, inference latency vs batch size (quick modes) =="
 	$(PY) stage3_advanced/01_mtl_adult.py --quick --threads $(THREADS)
 	$(PY) stage3_advanced/06_latency.py --quick
-	@echo "demo done: see runs/ for metrics.json and curves.png, README.md for what they mean"
+	@$(PY) summary.py
 
 stage1: venv
 	$(PY) stage1_adult/01_load_and_peek.py --plots
@@ -64,7 +64,6 @@ stage1: venv
 stage2: venv
 	$(PY) stage2_ctr/01_make_subset.py --synthetic 2000000 --val-frac 0 --test-frac 0 \
 	    --out-dir stage2_ctr/data/bench2m
-	$(PY) stage2_ctr/02_dataloader.py --bench stage2_ctr/data/bench2m/train.txt
 	$(PY) stage2_ctr/03_compare_models.py
 	$(PY) stage2_ctr/04_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
 	$(PY) stage2_ctr/05_binary_cache.py stage2_ctr/data/bench2m/train.txt \

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adult_data import (CATEGORICAL, DATA_DIR, LEAKY, MISSING, NUMERIC, DataError,  # noqa: E402
-                        add_labels, load_both)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+from stage1_adult.adult_data import (CATEGORICAL, DATA_DIR, LEAKY, MISSING,  # noqa: E402
+                                     NUMERIC, DataError, add_labels, load_both)
+import common  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default=str(DATA_DIR), help="folder with adult.data/adult.test")
     p.add_argument("--plots", action="store_true", help="write histograms to --out-dir")
-    p.add_argument("--out-dir", default=str(ROOT / "results"), help="where --plots writes PNGs")
+    p.add_argument("--out-dir", default=str(common.RESULTS), help="where --plots writes PNGs")
     p.add_argument("--top", type=int, default=5, help="top categories shown per column")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="stop with an error when more rows than this are malformed")
@@ -84,9 +84,7 @@ def peek(train, test, top):
 
 
 def plots(train, out_dir):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(2, 3, figsize=(11, 6))
@@ -98,8 +96,7 @@ def plots(train, out_dir):
     axes.flat[0].legend()
     fig.suptitle("Adult numeric columns by income (adult.data)")
     fig.tight_layout()
-    fig.savefig(out_dir / "stage1_numeric_hist.png", dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, out_dir / "stage1_numeric_hist.png", dpi=90)
 
     fig, axes = plt.subplots(2, 3, figsize=(12, 7))
     for ax, col in zip(axes.flat, ["education", "occupation", "workclass", "marital-status",
@@ -109,8 +106,7 @@ def plots(train, out_dir):
         ax.set_title(f">50K rate by {col}")
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(out_dir / "stage1_income_by_field.png", dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, out_dir / "stage1_income_by_field.png", dpi=90)
     print(f"\nwrote {out_dir / 'stage1_numeric_hist.png'} and stage1_income_by_field.png")
 
 

@@ -21,16 +21,16 @@ Arrays in the npz, for each split in (train, val, test); N rows each:
   y_married_<split>  float32 (N,)    task B: married (derived from marital-status)
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adult_data import (CATEGORICAL, DATA_DIR, LEAKY, NUMERIC, DataError,  # noqa: E402
-                        add_labels, atomic_write, load_both)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+from stage1_adult.adult_data import (CATEGORICAL, DATA_DIR, LEAKY, NUMERIC, DataError,  # noqa: E402
+                        add_labels, load_both)
+import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
@@ -127,6 +127,14 @@ def fmt_num(v):
 
 
 # ---------------------------------------------------------------------------------- writing
+def save_npz(path, arrays):
+    """np.savez into a file object (a file name would get .npz appended), atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    common.atomic_write(path, write)
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out) if args.out else HERE / (
@@ -189,8 +197,8 @@ def main(argv=None):
                               "married": float(v["y_married"].mean())} for k, v in splits.items()},
         "oov_rate": oov_rate,
     }
-    atomic_write(out, lambda tmp: np.savez(tmp, **arrays))
-    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    save_npz(out, arrays)
+    common.write_json(meta_path, meta)
 
     # 4. report --------------------------------------------------------------------------------
     print(f"split (seed {args.seed}): " + ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))

@@ -6,22 +6,24 @@ each, and read off whether sharing a backbone with task B helps, hurts or does n
 (and vice versa). Whatever it shows is the result: auxiliary tasks do not help by default.
 
 Run:    python stage1_adult/04_mtml_tradeoff.py [--seeds 0,1,2] [--threads 2]
+Read with it: stage1_adult/mtml.py (every training here is one mtml.run(config)).
 Reads:  stage1_adult/adult_stage1.npz (from 02_preprocess.py, leak-free)
 Writes: results/stage1_tradeoff.md, results/stage1_tradeoff.png, runs/stage1_tradeoff/metrics.json
 Time:   ~6-8 min on 2 CPU cores (21 trainings).
 """
 import argparse
-import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from stage1_adult import mtml  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from adult_data import load_numbered_script  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="seeds per configuration")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--epochs", type=int, default=30, help="max epochs per training")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where metrics.json goes")
-    p.add_argument("--out-dir", default=str(ROOT / "results"), help="where the table/plot go")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where metrics.json goes")
+    p.add_argument("--out-dir", default=str(common.RESULTS), help="where the table/plot go")
     args = p.parse_args(argv)
     try:
         args.wB_list = [float(w) for w in args.wB.split(",")]
@@ -44,30 +46,25 @@ def parse_args(argv=None):
     return args
 
 
-def mean_std(values):
-    return f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "-"
-
-
 def main(argv=None):
     args = parse_args(argv)
-    trainer = load_numbered_script("03_train_mtml.py")
     t0 = time.perf_counter()
-    common = ["--npz", args.npz, "--threads", str(args.threads), "--epochs", str(args.epochs)]
-    configs = [(f"multi-task wA=1 wB={w:g}", ["--tasks", "both", "--wB", f"{w}"])
+    base = mtml.MTMLConfig(npz=args.npz, threads=args.threads, epochs=args.epochs)
+    configs = [(f"multi-task wA=1 wB={w:g}", replace(base, tasks="both", wB=w))
                for w in args.wB_list]
-    configs += [("single-task income", ["--tasks", "income"]),
-                ("single-task married", ["--tasks", "married"])]
+    configs += [("single-task income", replace(base, tasks="income")),
+                ("single-task married", replace(base, tasks="married"))]
     rows = []
-    for label, extra in configs:
-        runs = trainer.run_seeds(common + extra, args.seed_list)
-        row = {"config": label, "argv": extra, "runs": len(runs)}
+    for label, cfg in configs:
+        runs = mtml.run_seeds(cfg, args.seed_list)
+        row = {"config": label, "tasks": cfg.tasks, "wB": cfg.wB, "runs": len(runs)}
         for task in ["income", "married"]:
             row[task] = [r["splits"]["test"][task]["auc"] for r in runs if task in r["tasks"]]
             row[task + "_val"] = [r["splits"]["val"][task]["auc"] for r in runs
                                   if task in r["tasks"]]
         rows.append(row)
-        print(f"{label:<26} income {mean_std(row['income']):<17} "
-              f"married {mean_std(row['married'])}", flush=True)
+        print(f"{label:<26} income {common.mean_std(row['income']):<17} "
+              f"married {common.mean_std(row['married'])}", flush=True)
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,16 +74,14 @@ def main(argv=None):
              "wB = 0 trains the married head not at all: its AUC there is that of an untrained "
              "head on the shared features.", "",
              "| configuration | income AUC | married AUC |", "|---|---|---|"]
-    lines += [f"| {r['config']} | {mean_std(r['income'])} | {mean_std(r['married'])} |"
+    lines += [f"| {r['config']} | {common.mean_std(r['income'])} | "
+              f"{common.mean_std(r['married'])} |"
               for r in rows]
     lines += ["", f"Written by `python stage1_adult/04_mtml_tradeoff.py --seeds {args.seeds} "
               f"--threads {args.threads}` in {time.perf_counter() - t0:.0f} s."]
-    trainer.atomic_write(out_dir / "stage1_tradeoff.md",
-                         lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    common.write_text(out_dir / "stage1_tradeoff.md", "\n".join(lines) + "\n")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     multi = rows[:len(args.wB_list)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, task, single in [(axes[0], "income", rows[-2]), (axes[1], "married", rows[-1])]:
@@ -100,17 +95,13 @@ def main(argv=None):
         ax.legend(fontsize=8)
     fig.suptitle("Adult: task weight trade-off (mean ± std over seeds)")
     fig.tight_layout()
-    trainer.atomic_write(out_dir / "stage1_tradeoff.png",
-                         lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    common.save_figure(fig, out_dir / "stage1_tradeoff.png")
 
     run_dir = Path(args.runs_dir) / "stage1_tradeoff"
-    run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"script": "stage1_adult/04_mtml_tradeoff.py", "model": "shared_bottom_mlp",
                "dataset": Path(args.npz).name, "device": "cpu", "seed": args.seed_list,
                "config": vars(args), "rows": rows, "wall_s": time.perf_counter() - t0}
-    trainer.atomic_write(run_dir / "metrics.json",
-                         lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    common.write_json(run_dir / "metrics.json", summary)
     print(f"wrote {out_dir / 'stage1_tradeoff.md'} and stage1_tradeoff.png")
 
 

@@ -8,6 +8,7 @@ What you learn here, with numbers measured on this machine:
   3. the loader: TensorDataset + DataLoader (per-sample indexing + collate) vs slicing batches
      from preloaded tensors - same model, same data, samples/s of one training epoch.
 
+Read with it: stage1_adult/mtml.py (every training here is one mtml.run(config)).
 Run:    python stage1_adult/05_what_matters.py [--seeds 0,1,2] [--threads 2]
 Reads:  stage1_adult/adult_stage1.npz and adult_stage1_leaky.npz (02, with and without
         --keep-leaky)
@@ -15,16 +16,17 @@ Writes: results/stage1_encodings.md, runs/stage1_what_matters/metrics.json
 Time:   ~8 min on 2 CPU cores.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import common  # noqa: E402
+from stage1_adult import mtml  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from adult_data import load_numbered_script  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,21 +39,14 @@ def parse_args(argv=None):
     p.add_argument("--loader-repeats", type=int, default=3,
                    help="timed one-epoch runs per loader (the median is reported)")
     p.add_argument("--epochs", type=int, default=30, help="max epochs per training")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where metrics.json goes")
-    p.add_argument("--out-dir", default=str(ROOT / "results"), help="where the table goes")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where metrics.json goes")
+    p.add_argument("--out-dir", default=str(common.RESULTS), help="where the table goes")
     args = p.parse_args(argv)
     try:
         args.seed_list = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         p.error("--seeds is a comma-separated list of integers")
     return args
-
-
-def mean_std(values):
-    if not values:
-        return "-"
-    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
 def auc_cells(runs, split="test"):
@@ -61,37 +56,34 @@ def auc_cells(runs, split="test"):
 
 def main(argv=None):
     args = parse_args(argv)
-    trainer = load_numbered_script("03_train_mtml.py")
     t0 = time.perf_counter()
-    common = ["--threads", str(args.threads), "--epochs", str(args.epochs)]
+    base = mtml.MTMLConfig(npz=args.npz, threads=args.threads, epochs=args.epochs)
     results = {"encodings": [], "leakage": [], "loader": []}
 
     # 1. numeric encodings, multi-task, leak-free ------------------------------------------------
-    for enc in trainer.ENCODINGS:
-        runs = trainer.run_seeds(common + ["--npz", args.npz, "--num-encoding", enc],
-                                 args.seed_list)
+    for enc in mtml.ENCODINGS:
+        runs = mtml.run_seeds(replace(base, num_encoding=enc), args.seed_list)
         row = {"encoding": enc, "test": auc_cells(runs), "val": auc_cells(runs, "val"),
                "parameters": runs[0]["parameters"]}
         results["encodings"].append(row)
-        print(f"encoding {enc:<12} val income {mean_std(row['val']['income'])}  test income "
-              f"{mean_std(row['test']['income'])} married {mean_std(row['test']['married'])}",
+        print(f"encoding {enc:<12} val income {common.mean_std(row['val']['income'])}  test income "
+              f"{common.mean_std(row['test']['income'])} married "
+              f"{common.mean_std(row['test']['married'])}",
               flush=True)
 
     # 2. leakage: all 14 columns -------------------------------------------------------------
-    for label, extra in [("all 14 columns, income only (standard benchmark)",
-                          ["--tasks", "income"]),
-                         ("all 14 columns, multi-task (task B leaked)", ["--tasks", "both"])]:
-        runs = trainer.run_seeds(common + ["--npz", args.leaky_npz] + extra, args.seed_list)
+    for label, tasks in [("all 14 columns, income only (standard benchmark)", "income"),
+                         ("all 14 columns, multi-task (task B leaked)", "both")]:
+        runs = mtml.run_seeds(replace(base, npz=args.leaky_npz, tasks=tasks), args.seed_list)
         row = {"config": label, "test": auc_cells(runs)}
         results["leakage"].append(row)
-        print(f"{label:<52} income {mean_std(row['test']['income'])} "
-              f"married {mean_std(row['test']['married'])}", flush=True)
+        print(f"{label:<52} income {common.mean_std(row['test']['income'])} "
+              f"married {common.mean_std(row['test']['married'])}", flush=True)
 
     # 3. the loader: samples/s of one training epoch, median of repeats ----------------------
     for loader in ["dataloader", "slice"]:
-        speeds = [trainer.run(common[:2] + ["--npz", args.npz, "--loader", loader, "--epochs",
-                                           "1", "--no-save", "--quiet", "--seed", str(i)]
-                              )["train_samples_per_s"] for i in range(args.loader_repeats)]
+        speeds = [mtml.run(replace(base, loader=loader, epochs=1, seed=i), quiet=True)
+                  ["train_samples_per_s"] for i in range(args.loader_repeats)]
         results["loader"].append({"loader": loader, "samples_per_s": speeds,
                                   "median": statistics.median(speeds)})
         print(f"loader {loader:<10} {statistics.median(speeds):,.0f} samples/s (median of "
@@ -105,13 +97,13 @@ def main(argv=None):
              "## Numeric encodings (leak-free, multi-task)", "",
              "| numerics enter as | val income AUC | test income AUC | test married AUC | "
              "parameters |", "|---|---|---|---|---|"]
-    lines += [f"| `{r['encoding']}` | {mean_std(r['val']['income'])} | "
-              f"{mean_std(r['test']['income'])} | {mean_std(r['test']['married'])} | "
+    lines += [f"| `{r['encoding']}` | {common.mean_std(r['val']['income'])} | "
+              f"{common.mean_std(r['test']['income'])} | {common.mean_std(r['test']['married'])} | "
               f"{r['parameters']:,} |" for r in results["encodings"]]
     lines += ["", "## Leakage (02 --keep-leaky, numerics `ple+tokens`)", "",
               "| inputs and tasks | income AUC | married AUC |", "|---|---|---|"]
-    lines += [f"| {r['config']} | {mean_std(r['test']['income'])} | "
-              f"{mean_std(r['test']['married'])} |" for r in results["leakage"]]
+    lines += [f"| {r['config']} | {common.mean_std(r['test']['income'])} | "
+              f"{common.mean_std(r['test']['married'])} |" for r in results["leakage"]]
     base = results["loader"][0]["median"]
     lines += ["", f"## Loader (one training epoch, {args.threads} threads, batch 256, median of "
               f"{args.loader_repeats})", "", "| loader | train samples/s | vs DataLoader |",
@@ -122,15 +114,12 @@ def main(argv=None):
               f"--threads {args.threads}` in {time.perf_counter() - t0:.0f} s."]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer.atomic_write(out_dir / "stage1_encodings.md",
-                         lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    common.write_text(out_dir / "stage1_encodings.md", "\n".join(lines) + "\n")
     run_dir = Path(args.runs_dir) / "stage1_what_matters"
-    run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"script": "stage1_adult/05_what_matters.py", "model": "shared_bottom_mlp",
                "dataset": "adult", "device": "cpu", "seed": args.seed_list, "config": vars(args),
                "results": results, "wall_s": time.perf_counter() - t0}
-    trainer.atomic_write(run_dir / "metrics.json",
-                         lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    common.write_json(run_dir / "metrics.json", summary)
     print(f"wrote {out_dir / 'stage1_encodings.md'}")
 
 

@@ -1,5 +1,4 @@
-"""Stage 1 helpers: reading the raw UCI Adult files (the one place that knows their dialect),
-writing files atomically, and loading a numbered script by path.
+"""Stage 1's raw data: reading the UCI Adult files (the one place that knows their dialect).
 
 01_load_and_peek.py and 02_preprocess.py both start from the raw text, so the parsing rules live
 here once. The files are odd in small ways that bite every first attempt:
@@ -11,9 +10,6 @@ of fields, an unknown label, or a numeric field that does not parse are skipped,
 reported with their line numbers; past `max_bad_fraction` we stop with one clear error line.
 """
 import hashlib
-import importlib.util
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -147,26 +143,3 @@ def add_labels(df):
     df["y_income"] = (df["income"] == ">50K").astype(np.float32)
     df["y_married"] = df["marital-status"].isin(MARRIED_VALUES).astype(np.float32)
     return df
-
-
-def atomic_write(path, write):
-    """write(tmp_path) then rename: a crash never leaves a half-written file behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp" + path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_numbered_script(filename):
-    """03_train_mtml.py starts with a digit, so it is loaded by path, not imported by name."""
-    path = Path(__file__).resolve().parent / filename
-    spec = importlib.util.spec_from_file_location(path.stem.lstrip("0123456789_"), path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

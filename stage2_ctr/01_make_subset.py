@@ -6,39 +6,29 @@ chronological: a random split leaks the future), and - with --synthetic - data d
 known click model, so every later experiment can be measured against the best possible score
 (the oracle's AUC and log loss) instead of against a leaderboard.
 
+Read with it: stage2_ctr/synthetic.py (the click model and the fast writer).
 Run:    python stage2_ctr/01_make_subset.py --synthetic 200000              # no download needed
         python stage2_ctr/01_make_subset.py --input train.txt --rows 2000000 --split time
         python stage2_ctr/01_make_subset.py --input day_0.gz --sample-rate 0.05
-Writes: <out-dir>/{train,val,test}.txt (+ with --synthetic: {split}.oracle.npy and meta.json)
+Writes: <out-dir>/{train,val,test}.txt + meta.json (+ with --synthetic: {split}.oracle.npy)
         default out-dir: stage2_ctr/data/synthetic or stage2_ctr/data/subset
-
-The synthetic click model (all parameters drawn from --seed):
-  logit = bias + sum_f w_f[x_f]                          first order (every field)
-        + sum_{i<j} <v_i[x_i], v_j[x_j]>                 pairwise, factorized (FM-like), k = 4
-        + sum_{(a,b,c)} g * e_a[x_a] e_b[x_b] e_c[x_c]   a few third-order crosses (DCN-like)
-  p = sigmoid(logit), the bias found by bisection so that mean(p) = --ctr; label ~ Bernoulli(p).
-Dense fields enter through z = (log I - mu) / sigma (0 when missing): w_j z and v_j z.
-With --tasks 2 a second label ("conversion") follows the first: its logit mixes the click
-signal with an independent one, s2 = rho * s1 + sqrt(1 - rho^2) * s_own (--task-corr rho).
-Column layout: label [label2] I1..I13 C1..C26 (40 or 41 tab-separated fields).
+Time:   --synthetic 200000: ~1 s; 2M rows ~4 s; 20M rows ~40 s (the disk decides).
 """
 import argparse
-import gzip
-import json
 import os
 import sys
 import time
-import zlib
+from dataclasses import fields
 from pathlib import Path
 
-# The click model's matmuls are tiny: OpenBLAS threads only spin and fight the other generator
-# process for the cores (measured: 2 processes ran 1.1x one process with them, 2.2x without).
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+from stage2_ctr import synthetic  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy)
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
+from stage2_ctr import criteo  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-N_DENSE, N_SPARSE = 13, 26
-U64 = np.uint64
 DOWNLOAD_HELP = """no input file. Real Criteo data is not downloaded by this project:
   - Kaggle Display Advertising Challenge: dac.tar.gz (train.txt 45,840,617 rows, ~11 GB),
     from https://ailab.criteo.com/ressources/ (or Kaggle's "criteo-display-ad-challenge")
@@ -48,27 +38,28 @@ Or, with no download: python stage2_ctr/01_make_subset.py --synthetic 200000"""
 
 
 def parse_args(argv=None):
+    d = synthetic.SyntheticConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", help="real Criteo files (plain or .gz), read in order")
     p.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic rows instead")
     p.add_argument("--rows", type=int, help="real data: keep the first N rows")
     p.add_argument("--sample-rate", type=float, help="real data: keep each row with prob. p")
-    p.add_argument("--split", choices=["random", "time"], default="random",
+    p.add_argument("--split", choices=["random", "time"], default=d.split,
                    help="random = seeded 8:1:1 per row; time = last 10%% val, then 10%% test")
-    p.add_argument("--val-frac", type=float, default=0.1)
-    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--val-frac", type=float, default=d.val_frac)
+    p.add_argument("--test-frac", type=float, default=d.test_frac)
     p.add_argument("--out-dir", help="output folder (default stage2_ctr/data/synthetic|subset)")
-    p.add_argument("--seed", type=int, default=0, help="split, sampling and generator seed")
-    p.add_argument("--ctr", type=float, default=0.25, help="synthetic: target click rate")
-    p.add_argument("--tasks", type=int, choices=[1, 2], default=1,
+    p.add_argument("--seed", type=int, default=d.seed, help="split, sampling and generator seed")
+    p.add_argument("--ctr", type=float, default=d.ctr, help="synthetic: target click rate")
+    p.add_argument("--tasks", type=int, choices=[1, 2], default=d.tasks,
                    help="synthetic: 2 adds a conversion label after the click label")
-    p.add_argument("--task-corr", type=float, default=0.5,
+    p.add_argument("--task-corr", type=float, default=d.task_corr,
                    help="synthetic, --tasks 2: correlation rho of the two tasks' signals")
-    p.add_argument("--ctr2", type=float, default=0.1, help="synthetic: second task's rate")
-    p.add_argument("--strength", type=float, default=1.0,
+    p.add_argument("--ctr2", type=float, default=d.ctr2, help="synthetic: second task's rate")
+    p.add_argument("--strength", type=float, default=d.strength,
                    help="synthetic: scale of the pairwise + third-order terms (0 = first order)")
-    p.add_argument("--chunk-rows", type=int, default=16384,
+    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows,
                    help="synthetic: rows per chunk (small chunks stay in the CPU cache)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="synthetic: processes generating chunks in parallel")
@@ -88,547 +79,87 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------------- the click model
-class ClickModel:
-    """The planted model: feature distributions from `seed`, weight tables from `weight_seed`
-    (a second task shares the features and draws its own weights)."""
-
-    def __init__(self, seed, strength=1.0, k=4, weight_seed=None):
-        rng = np.random.default_rng([seed, 1])
-        self.k = k
-        # vocabularies from 3 to 10^6 values per field, in a shuffled order
-        self.vocab = rng.permutation(np.round(np.geomspace(3, 1e6, N_SPARSE)).astype(np.int64))
-        self.cat_missing = rng.choice([0.0, 0.0, 0.0, 0.02, 0.1, 0.3], N_SPARSE)
-        self.log_vocab = np.log(self.vocab + 1.0).astype(np.float32)
-        self.cat_missing = self.cat_missing.astype(np.float32)
-        self.dense_mu = rng.uniform(0.0, 4.0, N_DENSE).astype(np.float32)
-        self.dense_sigma = rng.uniform(0.8, 2.0, N_DENSE).astype(np.float32)
-        self.dense_missing = rng.choice([0.0, 0.0, 0.05, 0.2, 0.45], N_DENSE).astype(np.float32)
-        self.hex_salt = rng.integers(0, 2**63)
-        if weight_seed is not None:
-            rng = np.random.default_rng([weight_seed, 1])
-        # first order: larger weights on the small-vocabulary fields (learnable ones)
-        scale1 = 0.45 / np.sqrt(np.log10(self.vocab) + 1)
-        self.w_cat = [rng.normal(0, s, v + 1).astype(np.float32)  # row v = missing
-                      for s, v in zip(scale1, self.vocab)]
-        self.w_dense = rng.normal(0, 0.15, N_DENSE).astype(np.float32)
-        # pairwise: latent vectors for a subset of fields (small and medium vocabularies)
-        order = np.argsort(self.vocab)
-        self.pair_fields = np.sort(order[:14])
-        sv = np.sqrt(strength) * 0.42 / np.sqrt(k)
-        self.v_cat = {f: rng.normal(0, sv, (self.vocab[f] + 1, k)).astype(np.float32)
-                      for f in self.pair_fields}
-        self.v_dense = rng.normal(0, sv, (N_DENSE, k)).astype(np.float32)
-        # third order: three triples of fields with scalar embeddings
-        self.triples = [tuple(sorted(rng.choice(order[:10], 3, replace=False)))
-                        for _ in range(3)]
-        self.gamma = strength * 0.3
-        self.e_cat = {f: rng.normal(0, 1, self.vocab[f] + 1).astype(np.float32)
-                      for f in {f for t in self.triples for f in t}}
-
-    def draw_features(self, rng, n):
-        """Ranks (n, 26) with -1 = missing, dense ints (n, 13) with a missing mask, and z."""
-        # one uniform per cell: below the field's missing rate -> missing, else rescaled into a
-        # Zipf-like (log-uniform) rank: rank = floor(V^u) - 1, so head values dominate
-        # (in place where possible: a chunk is a few MB, and every extra pass over it shows)
-        u = rng.random((n, N_SPARSE), dtype=np.float32)
-        missing = u < self.cat_missing
-        u -= self.cat_missing
-        u /= 1 - self.cat_missing
-        u *= self.log_vocab
-        np.exp(u, out=u)
-        u -= 1
-        ranks = u.astype(np.int64)
-        np.minimum(ranks, self.vocab - 1, out=ranks)
-        np.copyto(ranks, -1, where=missing)
-        z = rng.standard_normal((n, N_DENSE), dtype=np.float32)
-        dense_f = self.dense_sigma * z
-        dense_f += self.dense_mu
-        dense = np.exp(dense_f, out=dense_f).astype(np.int64)
-        np.minimum(dense, 99_999_999_999, out=dense)  # 11 digits at most
-        neg = rng.random(n, dtype=np.float32) < 0.03  # I2 is -1, -2, -3 now and then
-        dense[neg, 1] = -rng.integers(1, 4, neg.sum())
-        dense_missing = rng.random((n, N_DENSE), dtype=np.float32) < self.dense_missing
-        np.copyto(z, 0, where=dense_missing | (dense < 0))
-        return ranks, dense, dense_missing, z
-
-    def logit_parts(self, ranks, z):
-        """(first order, pairwise, third order) contributions per row, without the bias."""
-        # one contiguous row of ids per field: np.take on it is ~10x faster than fancy-indexing
-        # a strided column of the (n, 26) array (that gather was a third of a chunk's time)
-        idx = np.ascontiguousarray(np.where(ranks < 0, self.vocab, ranks).T)  # missing -> own row
-        first = z @ self.w_dense  # dense fields: w_j z_j, and v_j z_j in the FM below
-        v_sum = z @ self.v_dense
-        v_sq = (z * z) @ (self.v_dense ** 2)
-        for f in range(N_SPARSE):
-            first += np.take(self.w_cat[f], idx[f])
-        # FM identity: sum_{i<j} <v_i, v_j> = 1/2 sum_k [ (sum_i v_ik)^2 - sum_i v_ik^2 ]
-        for f in self.pair_fields:
-            v = np.take(self.v_cat[f], idx[f], axis=0)
-            v_sum += v
-            v_sq += v * v
-        pair = 0.5 * (v_sum * v_sum - v_sq).sum(1)
-        third = np.zeros(len(z), np.float32)
-        for a, b, c in self.triples:
-            third += self.gamma * (np.take(self.e_cat[a], idx[a]) * np.take(self.e_cat[b], idx[b])
-                                   * np.take(self.e_cat[c], idx[c]))
-        return first, pair, third
-
-    def hex_of(self, field, ranks):
-        """The 8-hex-char value of (field, rank) as a uint32: a stable hash, like Criteo's."""
-        x = (U64(field) << U64(40)) ^ ranks.astype(U64) ^ U64(self.hex_salt)
-        x = x * U64(0x9E3779B97F4A7C15)
-        x = x ^ (x >> U64(29))
-        x = x * U64(0xBF58476D1CE4E5B9)
-        return (x >> U64(32)).astype(np.uint32)
-
-    def hex_word_tables(self):
-        """Per field: rank -> its 8 hex chars as one little-endian uint64 word, so formatting
-        a row is a table lookup (popular ranks stay in cache)."""
-        tables = []
-        for f, v in enumerate(self.vocab):
-            h = self.hex_of(f, np.arange(v))
-            tables.append(HEX4[h >> np.uint32(16)].astype(U64)
-                          | (HEX4[h & np.uint32(0xFFFF)].astype(U64) << U64(32)))
-        return tables
-
-
-def calibrate_bias(signal, target):
-    """Bisection on b so that mean(sigmoid(signal + b)) = target."""
-    lo, hi = -30.0, 30.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if np.mean(1 / (1 + np.exp(-(signal + mid)))) > target:
-            hi = mid
-        else:
-            lo = mid
-    return (lo + hi) / 2
-
-
-class Generator:
-    """Draws rows chunk by chunk; the same seed gives the same rows in the same order."""
-
-    def __init__(self, args):
-        self.args, self.tasks = args, args.tasks
-        self.model = ClickModel(args.seed, args.strength)
-        self.hex_words = self.model.hex_word_tables()
-        cal = np.random.default_rng([args.seed, 3])
-        ranks, _, _, z = self.model.draw_features(cal, 50_000)
-        parts = self.model.logit_parts(ranks, z)
-        self.bias = calibrate_bias(sum(parts), args.ctr)
-        self.signal_std = float(np.std(sum(parts)))
-        if self.tasks == 2:  # the second task's own signal: another model of the same shape
-            self.model2 = ClickModel(args.seed, args.strength, weight_seed=args.seed + 10_000)
-            own = sum(self.model2.logit_parts(ranks, z))
-            self.own_scale = self.signal_std / float(np.std(own))
-            s2 = self._mix(sum(parts) - sum(parts).mean(), own - own.mean())
-            self.bias2 = calibrate_bias(s2, args.ctr2)
-
-    def _mix(self, s1, own):
-        rho = self.args.task_corr
-        return rho * s1 + np.sqrt(1 - rho ** 2) * own * self.own_scale
-
-    def hex_words_of(self, ranks):
-        """(n, 26) uint64 hex words (a transposed view: gathered one contiguous field at a time)."""
-        idx = np.ascontiguousarray(np.maximum(ranks, 0).T)
-        words = np.empty(idx.shape, U64)
-        for f in range(N_SPARSE):
-            np.take(self.hex_words[f], idx[f], out=words[f])
-        return words.T
-
-    def chunk(self, index, n):
-        """Chunk number `index` (its own seeded stream, so chunks can be drawn in parallel and
-        in any order): dict of labels (n, T) int8, oracle (n, T) float32, the raw features, and
-        the first-order part of the logit (to show what the crosses are worth)."""
-        rng = np.random.default_rng([self.args.seed, 2, index])
-        ranks, dense, dense_missing, z = self.model.draw_features(rng, n)
-        first, pair, third = self.model.logit_parts(ranks, z)
-        s1 = first + pair + third
-        probs = [1 / (1 + np.exp(-(s1 + self.bias)))]
-        if self.tasks == 2:
-            own = sum(self.model2.logit_parts(ranks, z))
-            probs.append(1 / (1 + np.exp(-(self._mix(s1, own) + self.bias2))))
-        oracle = np.stack(probs, 1).astype(np.float32)
-        labels = (rng.random(oracle.shape, dtype=np.float32) < oracle).astype(np.int8)
-        return {"labels": labels, "oracle": oracle, "ranks": ranks, "dense": dense,
-                "dense_missing": dense_missing, "hex_words": self.hex_words_of(ranks),
-                "first_order_logit": first}
-
-
-def _ascii_table(n_chars, base):
-    """TABLE[v] = the n_chars digits of v in `base` as ASCII bytes packed in a uint32
-    (first char in the lowest byte, so the uint32 viewed as bytes reads left to right)."""
-    v = np.arange(base ** n_chars)
-    chars = np.stack([(v // base ** (n_chars - 1 - i)) % base for i in range(n_chars)], 1)
-    ascii_ = np.frombuffer(b"0123456789abcdef", np.uint8)[chars].astype(np.uint32)
-    return (ascii_ << (8 * np.arange(n_chars, dtype=np.uint32))).sum(1).astype(np.uint32)
-
-
-DEC4 = _ascii_table(4, 10)    # 0000 .. 9999
-HEX4 = _ascii_table(4, 16)    # 0000 .. ffff
-POW10 = 10 ** np.arange(13, dtype=np.int64)
-# "x\t" for 0 <= x < 10^5 as a little-endian word, and its digit count
-SMALL_INT_LEN = np.ones(100_000, np.int32) + sum(np.arange(100_000) >= 10 ** d for d in range(1, 5))
-SMALL_INT_WORD = np.array([int.from_bytes(f"{x}\t".encode(), "little") for x in range(100_000)],
-                          dtype=U64)
-def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts=False):
-    """Criteo TSV bytes for n rows without any per-row Python or string formatting.
-
-    Each field becomes its first 8 bytes packed in a uint64 `lo` (its trailing tab included when
-    it fits) and a length L. A field's output offset is the running sum of L; the `lo` words are
-    stored in field order through an unaligned uint64 view of the output, so what spills past a
-    field's end is overwritten by the next field's store. The output starts filled with tabs:
-    the 9th byte of a categorical (8 hex chars + tab) is never reached by a store and stays a
-    tab; the 9th-12th bytes of 8+ digit numbers are set one byte column at a time.
-    Digits and hex chars come 4 at a time from lookup tables. With row_starts, the result is a
-    uint8 array (slices of it are written without a copy) and the byte offset of every row."""
-    n, n_labels = labels.shape
-    tab = U64(ord("\t"))
-    i0, c0 = n_labels, n_labels + N_DENSE  # first integer / categorical column
-    lo = np.empty((n, c0 + N_SPARSE), U64)
-    length = np.empty((n, c0 + N_SPARSE), np.int32)
-    # labels: "0\t" or "1\t"
-    lo[:, :i0] = (labels.astype(U64) + U64(ord("0"))) | (tab << U64(8))
-    length[:, :i0] = 2
-    # integers: below 10^5 (nearly all) one lookup gives "digits\t" as a word; the rest:
-    # left-align the digits (x * 10^(12 - digits)) and take 3 lookups of 4 digits
-    small = (dense >= 0) & (dense < len(SMALL_INT_WORD))
-    small_value = np.where(small, dense, 0)
-    lo[:, i0:c0] = SMALL_INT_WORD[small_value]
-    n_chars = SMALL_INT_LEN[small_value]
-    r, c = np.nonzero(~small & ~dense_missing)
-    mag = np.abs(dense[r, c])
-    n_digits = np.ones(len(mag), np.int64)
-    for d in range(1, 12):
-        n_digits += mag >= 10 ** d
-    left = mag * POW10[12 - n_digits]
-    big_lo = DEC4[left // 100_000_000].astype(U64) | (
-        DEC4[left // 10_000 % 10_000].astype(U64) << U64(32))
-    big_hi = DEC4[left % 10_000].astype(U64)
-    neg = dense[r, c] < 0  # I2: shift one byte right and put '-' first
-    big_hi = np.where(neg, (big_hi << U64(8)) | (big_lo >> U64(56)), big_hi)
-    big_lo = np.where(neg, (big_lo << U64(8)) | U64(ord("-")), big_lo)
-    n_digits += neg
-    sh = (np.minimum(n_digits, 7) * 8).astype(U64)  # the tab, when it fits in lo
-    big_lo = np.where(n_digits < 8, (big_lo & ((U64(1) << sh) - U64(1))) | (tab << sh), big_lo)
-    lo[r, c + i0] = big_lo
-    n_chars[r, c] = n_digits
-    np.copyto(lo[:, i0:c0], tab, where=dense_missing)
-    np.copyto(n_chars, 0, where=dense_missing)
-    length[:, i0:c0] = n_chars + 1
-    # categoricals: 8 lowercase hex chars then a tab (newline after C26); missing: tab alone
-    lo[:, c0:] = hex_words
-    np.copyto(lo[:, c0:], tab, where=cat_missing)
-    lo[:, -1][cat_missing[:, -1]] = U64(ord("\n"))
-    length[:, c0:] = 9
-    np.copyto(length[:, c0:], 1, where=cat_missing)
-    # stores, in field order
-    length = length.ravel()
-    offset = np.cumsum(length, dtype=np.int64)
-    offset -= length
-    out = np.full(int(offset[-1] + length[-1]) + 16, ord("\t"), np.uint8)
-    words = np.ndarray(shape=(len(out) - 7,), dtype=U64, buffer=out, strides=(1,))
-    words[offset] = lo.ravel()
-    offset = offset.reshape(n, -1)
-    out[offset[:, -1][~cat_missing[:, -1]] + 8] = ord("\n")  # after a non-empty C26
-    long = n_digits >= 8  # long numbers: bytes 8.. from big_hi, then the tab
-    r, c, n_digits, big_hi = r[long], c[long], n_digits[long], big_hi[long]
-    for j in range(4):
-        sel = n_digits >= 8 + j
-        byte = np.where(n_digits[sel] == 8 + j, ord("\t"), (big_hi[sel] >> U64(8 * j)) & U64(255))
-        out[offset[r[sel], c[sel] + i0] + 8 + j] = byte.astype(np.uint8)
-    if row_starts:  # byte offset where each row begins, and the total
-        return out[:-16], np.append(offset[:, 0], len(out) - 16)
-    return out[:-16].tobytes()
-
-
-# ---------------------------------------------------------------------------------- splitting
-def split_of(rng, n, start, total, args):
-    """Split id per row: 0 train, 1 val, 2 test. `start` = index of the chunk's first row."""
-    if args.split == "random":
-        return rng.choice(3, size=n, p=[1 - args.val_frac - args.test_frac, args.val_frac,
-                                        args.test_frac]).astype(np.int8)
-    idx = np.arange(start, start + n)
-    val_start = int(total * (1 - args.val_frac - args.test_frac))
-    test_start = int(total * (1 - args.test_frac))
-    return ((idx >= val_start).astype(np.int8) + (idx >= test_start)).astype(np.int8)
-
-
-class SplitWriter:
-    """Three output files written as .tmp and renamed at the end (atomic)."""
-    NAMES = ["train", "val", "test"]
-
-    def __init__(self, out_dir):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.files = [open(self.out_dir / f"{s}.txt.tmp", "wb") for s in self.NAMES]
-        self.rows = [0, 0, 0]
-        self.positives = [0, 0, 0]
-
-    def write(self, split, data, positives):
-        self.files[split].write(data)
-        self.positives[split] += positives
-
-    def close(self):
-        for f, s in zip(self.files, self.NAMES):
-            f.close()
-            os.replace(self.out_dir / f"{s}.txt.tmp", self.out_dir / f"{s}.txt")
-
-
-def save_npy_atomic(path, array):
-    tmp = Path(str(path) + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------- synthetic
-_GENERATOR = None  # set before the worker pool forks, so workers share its tables
-
-
-def synthetic_segment(task):
-    """Worker: draw a run of consecutive chunks and append each split's rows to this segment's
-    own part files (big byte strings never cross a process boundary). Synthetic rows are i.i.d.,
-    so a chunk's split ids can be sorted before they are dealt out: each split's rows are then
-    one contiguous range of the chunk, formatted in one go and written with one slice."""
-    segment, chunks, out_dir = task
-    gen = _GENERATOR
-    files = [open(Path(out_dir) / f"{name}.txt.seg{segment:05d}", "wb")
-             for name in SplitWriter.NAMES]
-    keep = {s: {"labels": [], "oracle": [], "first": []} for s in range(3)}
-    for index, start, n in chunks:
-        c = gen.chunk(index, n)
-        split = np.sort(split_of(np.random.default_rng([gen.args.seed, 4, index]), n, start,
-                                 gen.args.synthetic, gen.args))
-        data, row_at = format_rows(c["labels"], c["dense"], c["dense_missing"], c["hex_words"],
-                                   c["ranks"] < 0, row_starts=True)
-        bounds = np.searchsorted(split, [0, 1, 2, 3])
-        for s in range(3):
-            lo, hi = bounds[s], bounds[s + 1]
-            if hi > lo:
-                files[s].write(data[row_at[lo]:row_at[hi]])
-                keep[s]["labels"].append(c["labels"][lo:hi])
-                keep[s]["oracle"].append(c["oracle"][lo:hi])
-                keep[s]["first"].append(c["first_order_logit"][lo:hi])
-    for f in files:
-        f.close()
-    arrays = {s: {k: np.concatenate(v) for k, v in d.items()} for s, d in keep.items()
-              if d["labels"]}
-    return segment, sum(n for _, _, n in chunks), arrays
-
-
-def append_file(src, dst):
-    """Append src to dst; in the kernel (copy_file_range) where the OS offers it."""
-    dst.flush()
-    size = os.fstat(src.fileno()).st_size
-    try:
-        while size > 0:
-            size -= os.copy_file_range(src.fileno(), dst.fileno(), size)
-    except (AttributeError, OSError):
-        import shutil
-        src.seek(os.fstat(src.fileno()).st_size - size)
-        shutil.copyfileobj(src, dst, 16 << 20)
-
-
-MAX_SCORED_ROWS = 4_000_000  # rows per split the oracle's AUC / log loss are computed on
-
-
-def make_synthetic(args, out_dir):
-    global _GENERATOR
-    import multiprocessing as mp
-    from sklearn.metrics import log_loss, roc_auc_score
-    from tqdm import tqdm
-    t0 = time.perf_counter()
-    gen = _GENERATOR = Generator(args)
-    writer = SplitWriter(out_dir)
-    chunks = [(i, start, min(args.chunk_rows, args.synthetic - start))
-              for i, start in enumerate(range(0, args.synthetic, args.chunk_rows))]
-    per_segment = max(1, min(16, len(chunks) // (4 * args.workers)))
-    segments = [(k, chunks[i:i + per_segment], str(writer.out_dir))
-                for k, i in enumerate(range(0, len(chunks), per_segment))]
-    workers = max(1, min(args.workers, len(segments)))
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-    results = (pool.imap_unordered(synthetic_segment, segments) if pool
-               else map(synthetic_segment, segments))
-    # stitch the segments in order as they finish (the output is the same for any number of
-    # workers); appending overlaps with the workers still generating
-    done, next_segment = {}, 0
-    oracles, labels_all, first_all = [[], [], []], [[], [], []], [[], [], []]
-    with tqdm(total=args.synthetic, unit=" rows", unit_scale=True, desc="generating") as bar:
-        for segment, n, arrays in results:
-            done[segment] = arrays
-            bar.update(n)
-            while next_segment in done:
-                arrays = done.pop(next_segment)
-                for s, name in enumerate(SplitWriter.NAMES):
-                    part = writer.out_dir / f"{name}.txt.seg{next_segment:05d}"
-                    with open(part, "rb") as f:
-                        append_file(f, writer.files[s])
-                    part.unlink()
-                    if s in arrays:
-                        a = arrays[s]
-                        writer.rows[s] += len(a["labels"])
-                        writer.positives[s] += int(a["labels"][:, 0].sum())
-                        labels_all[s].append(a["labels"])
-                        oracles[s].append(a["oracle"])
-                        first_all[s].append(a["first"])
-                next_segment += 1
-    if pool:
-        pool.close()
-        pool.join()
-    writer.close()
-    seconds = time.perf_counter() - t0
-
-    report = {}
-    for s, name in enumerate(SplitWriter.NAMES):
-        if not oracles[s]:
-            continue
-        oracle = np.concatenate(oracles[s])
-        y = np.concatenate(labels_all[s]).astype(np.float32)
-        save_npy_atomic(Path(out_dir) / f"{name}.oracle.npy",
-                        oracle[:, 0] if args.tasks == 1 else oracle)
-        r = {"rows": int(len(y)), "positive_rate": y.mean(0).round(4).tolist()}
-        # sklearn's AUC sorts and copies to float64 (~50 bytes a row): past 4M rows the scores
-        # come from every k-th row, so a 20M-row file needs no more memory than a 4M one
-        stride = -(-len(y) // MAX_SCORED_ROWS)
-        y, oracle = y[::stride], oracle[::stride]
-        if len(np.unique(y[:, 0])) == 2:
-            r["oracle_rows_scored"] = int(len(y))
-            r["oracle_auc"] = [float(roc_auc_score(y[:, t], oracle[:, t]))
-                               for t in range(args.tasks)]
-            r["oracle_logloss"] = [float(log_loss(y[:, t], oracle[:, t], labels=[0, 1]))
-                                   for t in range(args.tasks)]
-            # the same labels scored by the first-order part alone: what LR could reach at best
-            r["oracle_auc_first_order_only"] = float(
-                roc_auc_score(y[:, 0], np.concatenate(first_all[s])[::stride]))
-        report[name] = r
-    meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "synthetic",
-            "config": {k: v for k, v in vars(args).items()},
-            "columns": (["label"] + (["label2"] if args.tasks == 2 else [])
-                        + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]),
-            "generator": {"vocab_sizes": gen.model.vocab.tolist(),
-                          "pair_fields": [f"C{f + 1}" for f in gen.model.pair_fields],
-                          "triples": [[f"C{f + 1}" for f in t] for t in gen.model.triples],
-                          "bias": gen.bias, "signal_std": gen.signal_std, "k": gen.model.k},
-            "splits": report, "rows_per_s": args.synthetic / seconds, "seconds": seconds}
-    write_meta(Path(out_dir) / "meta.json", meta)
-    return meta
-
-
-def write_meta(path, meta):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, default=float))
-    os.replace(tmp, path)
+def synthetic_config(args):
+    """The generator's settings out of the command line (SyntheticConfig's fields)."""
+    given = dict(vars(args), rows=args.synthetic)
+    return synthetic.SyntheticConfig(**{f.name: given[f.name]
+                                        for f in fields(synthetic.SyntheticConfig)})
 
 
 # ---------------------------------------------------------------------------------- real files
-def check_input(path):
-    path = Path(path)
-    if not path.exists() or path.is_dir():
-        sys.exit(f"error: {path}: {'is a directory, pass the files in it' if path.is_dir() else 'not found'}"
-                 "; run this script without arguments for where to download Criteo, "
-                 "or use --synthetic N")
-    return path
-
-
-def open_any(path):
-    path = check_input(path)
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
-def iter_line_blocks(paths, chunk_bytes=16 << 20):
-    """Whole-line byte blocks from each file in turn (the last line may lack its newline)."""
-    for path in paths:
-        with open_any(path) as f:
-            carry = b""
-            try:
-                while True:
-                    data = f.read(chunk_bytes)
-                    if not data:
-                        if carry:
-                            yield path, carry + b"\n", len(carry)
-                        break
-                    buf = carry + data
-                    cut = buf.rfind(b"\n") + 1
-                    carry = buf[cut:]
-                    if cut:
-                        yield path, buf[:cut], len(data)
-            except (EOFError, OSError, zlib.error) as e:
-                sys.exit(f"error: {path}: truncated or corrupt gzip ({e})")
-
-
 def count_rows(paths):
-    return sum(block.count(b"\n") for _, block, _ in iter_line_blocks(paths))
+    return sum(raw.count(b"\n") for path in paths
+               for _, _, raw in criteo.iter_blocks(criteo.check_path(path), 16 << 20))
 
 
-def make_subset(args, out_dir):
-    """Stream real files: keep the first --rows and/or a --sample-rate share, split, write."""
+def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val_frac=0.1,
+                test_frac=0.1, seed=0):
+    """Stream real files: keep the first `rows` and/or a `sample_rate` share, split, write.
+    Whole lines are copied as bytes (gathered with one index array per block and split)."""
     from tqdm import tqdm
     t0 = time.perf_counter()
-    rng = np.random.default_rng([args.seed, 5])
+    paths = [criteo.check_path(p) for p in paths]
+    rng = np.random.default_rng([seed, 5])
     total = None
-    if args.split == "time":  # the split points need the row count first
-        total = args.rows if args.rows and not args.sample_rate else None
+    if split == "time":  # the split points need the row count first
+        total = rows if rows and not sample_rate else None
         if total is None:
             print("time split: counting rows first ...")
-            kept = count_rows(args.input)
-            total = min(kept, args.rows or kept)
-            if args.sample_rate:
-                total = int(total * args.sample_rate)  # expected; the split uses this estimate
-    writer = SplitWriter(out_dir)
-    size = sum(os.path.getsize(check_input(p)) for p in args.input)
+            n = count_rows(paths)
+            total = min(n, rows or n)
+            if sample_rate:
+                total = int(total * sample_rate)  # expected; the split uses this estimate
+    writer = synthetic.SplitWriter(out_dir)
     seen = kept = 0
-    with tqdm(total=size, unit="B", unit_scale=True, desc="reading") as bar:
-        for path, block, n_bytes in iter_line_blocks(args.input):
-            bar.update(n_bytes)
-            arr = np.frombuffer(block, np.uint8)
-            ends = np.flatnonzero(arr == 10) + 1
-            begins = np.concatenate([[0], ends[:-1]])
-            keep = np.ones(len(ends), bool)
-            if args.sample_rate:
-                keep &= rng.random(len(ends)) < args.sample_rate
-            if args.rows:
-                room = args.rows - kept
-                keep &= np.cumsum(keep) <= room
-            seen += len(ends)
-            sel = np.flatnonzero(keep)
-            split = split_of(rng, len(sel), kept, total or 0, args)
-            for s in range(3):
-                rows = sel[split == s]
-                if len(rows) == 0:
-                    continue
-                lengths = ends[rows] - begins[rows]
-                within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths,
-                                                              lengths)
-                data = arr[np.repeat(begins[rows], lengths) + within]
-                writer.write(s, data.tobytes(), int((arr[begins[rows]] == ord("1")).sum()))
-                writer.rows[s] += len(rows)
-            kept += len(sel)
-            if args.rows and kept >= args.rows:
+    with tqdm(unit=" rows", unit_scale=True, desc="reading") as bar:
+        for path in paths:
+            for _, _, raw in criteo.iter_blocks(path, 16 << 20):
+                arr = np.frombuffer(raw, np.uint8)
+                ends = np.flatnonzero(arr == 10) + 1
+                begins = np.concatenate([[0], ends[:-1]])
+                keep = np.ones(len(ends), bool)
+                if sample_rate:
+                    keep &= rng.random(len(ends)) < sample_rate
+                if rows:
+                    keep &= np.cumsum(keep) <= rows - kept
+                seen += len(ends)
+                bar.update(len(ends))
+                sel = np.flatnonzero(keep)
+                which = synthetic.split_of(rng, len(sel), kept, total or 0, split, val_frac,
+                                           test_frac)
+                for s in range(3):
+                    write_lines(writer, s, arr, begins[sel[which == s]], ends[sel[which == s]])
+                kept += len(sel)
+                if rows and kept >= rows:
+                    break
+            if rows and kept >= rows:
                 break
     writer.close()
     report = {name: {"rows": writer.rows[s],
                      "positive_rate": writer.positives[s] / max(writer.rows[s], 1)}
-              for s, name in enumerate(SplitWriter.NAMES)}
+              for s, name in enumerate(synthetic.SplitWriter.NAMES)}
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "subset",
-            "config": vars(args), "rows_read": seen, "splits": report,
-            "seconds": time.perf_counter() - t0}
-    write_meta(Path(out_dir) / "meta.json", meta)
+            "config": {"input": [str(p) for p in paths], "rows": rows,
+                       "sample_rate": sample_rate, "split": split, "val_frac": val_frac,
+                       "test_frac": test_frac, "seed": seed},
+            "rows_read": seen, "splits": report, "seconds": time.perf_counter() - t0}
+    common.write_json(Path(out_dir) / "meta.json", meta)
     return meta
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    out_dir = Path(args.out_dir) if args.out_dir else HERE / "data" / (
-        "synthetic" if args.synthetic else "subset")
-    if args.synthetic:
-        meta = make_synthetic(args, out_dir)
-        print(f"generated {args.synthetic:,} rows in {meta['seconds']:.1f} s "
-              f"({meta['rows_per_s']:,.0f} rows/s), {args.split} split, seed {args.seed}")
-    else:
-        meta = make_subset(args, out_dir)
-        print(f"read {meta['rows_read']:,} rows in {meta['seconds']:.1f} s")
+def write_lines(writer, split, arr, begins, ends):
+    """Append the lines [begins[i], ends[i]) of the byte array to one split's file."""
+    if len(begins) == 0:
+        return
+    lengths = ends - begins
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    data = arr[np.repeat(begins, lengths) + within]
+    writer.write(split, data.tobytes(), int((arr[begins] == ord("1")).sum()))
+    writer.rows[split] += len(begins)
+
+
+# ---------------------------------------------------------------------------------- main
+def print_report(meta, out_dir):
     for name, r in meta["splits"].items():
         line = f"{name:<6}{r['rows']:>12,} rows  positive rate {r['positive_rate']}"
         if "oracle_auc" in r:
@@ -636,7 +167,26 @@ def main(argv=None):
                      f"  (first-order part alone: AUC {r['oracle_auc_first_order_only']:.4f})")
         print(line)
     print(f"wrote {out_dir}/{{train,val,test}}.txt"
-          + (", *.oracle.npy, meta.json" if args.synthetic else ", meta.json"))
+          + (", *.oracle.npy, meta.json" if meta["kind"] == "synthetic" else ", meta.json"))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir) if args.out_dir else HERE / "data" / (
+        "synthetic" if args.synthetic else "subset")
+    try:
+        if args.synthetic:
+            cfg = synthetic_config(args)
+            meta = synthetic.make_synthetic(cfg, out_dir)
+            print(f"generated {cfg.rows:,} rows in {meta['seconds']:.1f} s "
+                  f"({meta['rows_per_s']:,.0f} rows/s), {cfg.split} split, seed {cfg.seed}")
+        else:
+            meta = make_subset(args.input, out_dir, args.rows, args.sample_rate, args.split,
+                               args.val_frac, args.test_frac, args.seed)
+            print(f"read {meta['rows_read']:,} rows in {meta['seconds']:.1f} s")
+    except criteo.CriteoFormatError as e:
+        sys.exit(f"error: {e}")
+    print_report(meta, out_dir)
     return meta
 
 

@@ -1,4 +1,4 @@
-"""Stage 2, step 4: every CTR model on the same data and budget - what do explicit crosses buy?
+"""Stage 2, step 3: every CTR model on the same data and budget - what do explicit crosses buy?
 
 What you learn here: on data with planted pairwise and third-order crosses (01 --synthetic), LR
 can only learn the first-order part, FM adds the pairwise part, and the deep models add what is
@@ -7,33 +7,31 @@ the gap shrinking as training rows grow. Same seeds, same data, same epochs for 
 The report checks the order the planted structure suggests (LR < FM, DNN < DeepFM, DCN) on the
 3-seed means and on every curve row, and names the pairs that fail.
 
+Read with it: stage2_ctr/train_ctr.py (every run here is one train_ctr.train(config) call).
 Run:    python stage2_ctr/03_compare_models.py                  # ~55 min of training, 2 cores
         python stage2_ctr/03_compare_models.py --curve-rows ''  # the 3-seed table only, ~25 min
         python stage2_ctr/03_compare_models.py --quick          # ~2 min, a smoke test
-        A finished run (runs/cmp_*/metrics.json with the same settings) is read back, not
-        retrained: a killed comparison picks up where it stopped (--fresh retrains all).
-Reads:  stage2_ctr/data/compare_<rows>/ (made here with 01_make_subset.py when missing)
+        A finished run (runs/cmp_*/metrics.json whose recorded config equals the one asked
+        for, all of it) is read back, not retrained: a killed comparison picks up where it
+        stopped (--fresh retrains all).
+Reads:  stage2_ctr/data/compare_<rows>/ (made here with the generator of 01 when missing)
 Writes: results/stage2_models.md, results/stage2_models.png, results/stage2_learning_curve.png,
         runs/cmp_*/metrics.json
 """
 import argparse
-import importlib.util
 import json
 import statistics
-import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import common  # noqa: E402
+from stage2_ctr import synthetic  # noqa: E402
+from stage2_ctr.train_ctr import TrainConfig, train  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-
-
-def load_trainer():
-    spec = importlib.util.spec_from_file_location("train_ctr", HERE / "train_ctr.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv=None):
@@ -57,9 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="60k rows, 1 seed, no curve")
     p.add_argument("--fresh", action="store_true",
                    help="retrain every run (default: reuse finished runs with the same settings)")
-    p.add_argument("--out-dir", default=str(ROOT / "results"))
+    p.add_argument("--out-dir", default=str(common.RESULTS))
     p.add_argument("--data-dir", default=str(HERE / "data"), help="where compare_<rows>/ goes")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"))
+    p.add_argument("--runs-dir", default=str(common.RUNS))
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.curve_rows = "0", ""
@@ -76,41 +74,44 @@ def dataset(total_rows, data_dir):
     """<data-dir>/compare_<rows>: made once with the default generator settings."""
     folder = Path(data_dir) / f"compare_{total_rows}"
     if not (folder / "meta.json").exists():
-        subprocess.run([sys.executable, str(HERE / "01_make_subset.py"), "--synthetic",
-                        str(total_rows), "--out-dir", str(folder)], check=True)
+        synthetic.make_synthetic(synthetic.SyntheticConfig(rows=total_rows), folder)
     return folder
 
 
-# the settings that decide a run's metrics (threads, workers and paths of the output do not)
-SAME_RUN_KEYS = ("model", "train", "val", "test", "epochs", "max_steps", "batch_size", "lr",
-                 "emb_dim", "hash_bits", "mlp", "cross_layers", "dropout", "weight_decay",
-                 "sparse_emb", "shuffle_buffer", "seed")
+def run_config(folder, model, seed, args, tag, lr):
+    """The TrainConfig of one comparison run: the same budget for every model."""
+    return TrainConfig(model=model, seed=seed, train=[str(folder / "train.txt")],
+                       val=[str(folder / "val.txt")], test=[str(folder / "test.txt")],
+                       epochs=args.epochs, batch_size=args.batch_size, lr=lr,
+                       emb_dim=args.emb_dim, mlp=common.layer_list(args.mlp),
+                       threads=args.threads, num_workers=args.num_workers, eval_every=0,
+                       runs_dir=args.runs_dir, run_name=f"cmp_{tag}_{model}_lr{lr:g}_s{seed}")
 
 
-def train(trainer, folder, model, seed, args, tag, lr):
-    """One train_ctr.py run; a finished run with the same settings (its metrics.json under
-    --runs-dir) is read back instead, so an interrupted comparison resumes (--fresh: retrain)."""
-    argv = ["--model", model, "--seed", str(seed), "--train", str(folder / "train.txt"),
-            "--val", str(folder / "val.txt"), "--test", str(folder / "test.txt"),
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--lr", str(lr), "--emb-dim", str(args.emb_dim), "--mlp", args.mlp,
-            "--threads", str(args.threads), "--num-workers", str(args.num_workers),
-            "--eval-every", "0", "--runs-dir", args.runs_dir,
-            "--run-name", f"cmp_{tag}_{model}_lr{lr:g}_s{seed}", "--quiet"]
-    wanted = vars(trainer.parse_args(argv))
-    done = Path(args.runs_dir) / wanted["run_name"] / "metrics.json"
-    if not args.fresh and done.exists():
-        try:  # an unreadable or foreign metrics.json is not a finished run: train again
-            metrics = json.loads(done.read_text())
-            same = all(metrics["config"].get(k) == wanted[k] for k in SAME_RUN_KEYS)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            print(f"{done}: unreadable, training the run again", flush=True)
-            same = False
-        if same:
-            args.reused.append(wanted["run_name"])
-            args.run_seconds.append(metrics.get("wall_s", 0.0))
-            return metrics
-    metrics = trainer.run(argv)
+def finished_run(cfg):
+    """The metrics of a finished run whose recorded config equals cfg (all of it), else None.
+    An unreadable or foreign metrics.json is not a finished run: it is trained again."""
+    done = Path(cfg.runs_dir) / cfg.run_name / "metrics.json"
+    if not done.exists():
+        return None
+    try:
+        metrics = json.loads(done.read_text())
+        same = metrics["config"] == json.loads(json.dumps(asdict(cfg)))
+    except (ValueError, KeyError, TypeError):
+        print(f"{done}: unreadable, training the run again", flush=True)
+        return None
+    return metrics if same else None
+
+
+def train_one(folder, model, seed, args, tag, lr):
+    """One train_ctr run, or its metrics read back when it finished before (--fresh: retrain),
+    so an interrupted comparison resumes."""
+    cfg = run_config(folder, model, seed, args, tag, lr)
+    metrics = None if args.fresh else finished_run(cfg)
+    if metrics is not None:
+        args.reused.append(cfg.run_name)
+    else:
+        metrics = train(cfg, quiet=True)
     args.run_seconds.append(metrics.get("wall_s", 0.0))
     return metrics
 
@@ -130,57 +131,45 @@ def order_check(auc):
     return "holds" if not failed else "fails: " + "; ".join(failed)
 
 
-def mean_std(xs, fmt="{:.4f}"):
-    sd = statistics.pstdev(xs) if len(xs) > 1 else 0.0
-    return (fmt + " ± " + fmt).format(statistics.mean(xs), sd)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    trainer = load_trainer()
     t0 = time.perf_counter()
     folder = dataset(args.rows, args.data_dir)
     rows = []
     best_lr = {}
     for model in args.model_list:
         # the learning rate is chosen on validation (seed 0), never on test
-        tries = {lr: train(trainer, folder, model, args.seed_list[0], args, "main", lr)
+        tries = {lr: train_one(folder, model, args.seed_list[0], args, "main", lr)
                  for lr in args.lr_list}
         best_lr[model] = max(tries, key=lambda lr: tries[lr]["splits"]["val"]["auc"])
-        runs = [tries[best_lr[model]]] + [train(trainer, folder, model, s, args, "main",
-                                                best_lr[model]) for s in args.seed_list[1:]]
+        runs = [tries[best_lr[model]]] + [train_one(folder, model, s, args, "main",
+                                                    best_lr[model]) for s in args.seed_list[1:]]
         test = [r["splits"]["test"] for r in runs]
         rows.append({"model": model, "lr": best_lr[model], "auc": [t["auc"] for t in test],
                      "logloss": [t["logloss"] for t in test],
                      "gap": [t.get("auc_gap_to_oracle", float("nan")) for t in test],
                      "samples_per_s": [r["train_samples_per_s"] for r in runs],
                      "parameters": runs[0]["parameters"], "oracle": test[0].get("oracle")})
-        print(f"{model:<7} test AUC {mean_std(rows[-1]['auc'])}  logloss "
-              f"{mean_std(rows[-1]['logloss'])}  gap {mean_std(rows[-1]['gap'])}", flush=True)
+        print(f"{model:<7} test AUC {common.mean_std(rows[-1]['auc'])}  logloss "
+              f"{common.mean_std(rows[-1]['logloss'])}  gap {common.mean_std(rows[-1]['gap'])}",
+              flush=True)
 
     curve = {}
     for n in args.curve_list:
         cfolder = dataset(int(n / 0.8), args.data_dir)  # n training rows after the 8:1:1 split
         for model in args.curve_models.split(","):
-            r = train(trainer, cfolder, model, args.seed_list[0], args, f"curve{n}",
-                      best_lr.get(model, args.lr_list[0]))
+            r = train_one(cfolder, model, args.seed_list[0], args, f"curve{n}",
+                          best_lr.get(model, args.lr_list[0]))
             curve.setdefault(model, []).append((n, r["splits"]["test"]["auc"]))
             curve.setdefault("oracle", [])
             if len(curve["oracle"]) < len(curve[model]):
                 curve["oracle"].append((n, r["splits"]["test"]["oracle"]["auc"]))
             print(f"curve {n:>9,} rows {model:<7} test AUC {r['splits']['test']['auc']:.4f}",
                   flush=True)
-    write_report(trainer, args, rows, curve, folder, time.perf_counter() - t0)
+    write_report(args, rows, curve, folder, time.perf_counter() - t0)
 
 
-def save_figure(fig, path):
-    """savefig to a temp name, then rename: no half-written PNG if interrupted."""
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
-
-
-def write_report(trainer, args, rows, curve, folder, seconds):
+def write_report(args, rows, curve, folder, seconds):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((folder / "meta.json").read_text())
@@ -199,9 +188,10 @@ def write_report(trainer, args, rows, curve, folder, seconds):
              "", "| model | lr | test AUC | test logloss | AUC gap to oracle | train samples/s | "
              "parameters |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['lr']:g} | {mean_std(r['auc'])} | "
-                     f"{mean_std(r['logloss'])} | "
-                     f"{mean_std(r['gap'])} | {statistics.median(r['samples_per_s']):,.0f} | "
+        lines.append(f"| {r['model']} | {r['lr']:g} | {common.mean_std(r['auc'])} | "
+                     f"{common.mean_std(r['logloss'])} | "
+                     f"{common.mean_std(r['gap'])} | "
+                     f"{statistics.median(r['samples_per_s']):,.0f} | "
                      f"{r['parameters']:,} |")
     mean_auc = {r["model"]: statistics.mean(r["auc"]) for r in rows}
     lines += ["", "Expected order (LR < FM, DNN < DeepFM, DCN) on the mean test AUC: "
@@ -223,12 +213,10 @@ def write_report(trainer, args, rows, curve, folder, seconds):
               f"{args.threads}` in {seconds:.0f} s; the {len(args.run_seconds)} training runs "
               f"behind this table took {sum(args.run_seconds) / 60:.0f} min in all (data "
               "generation not included)."]
-    trainer.atomic_write_text(out / "stage2_models.md", "\n".join(lines) + "\n")
+    common.write_text(out / "stage2_models.md", "\n".join(lines) + "\n")
 
-    import matplotlib
     import matplotlib.ticker
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = [r["model"] for r in rows]
     ax.bar(names, [statistics.mean(r["auc"]) for r in rows],
@@ -241,8 +229,7 @@ def write_report(trainer, args, rows, curve, folder, seconds):
     ax.set(ylim=(lo - 0.02, (oracle.get("auc") or 1) + 0.01), ylabel="test AUC",
            title="CTR models, same data and budget")
     fig.tight_layout()
-    save_figure(fig, out / "stage2_models.png")
-    plt.close(fig)
+    common.save_figure(fig, out / "stage2_models.png")
     if curve:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for m, pts in curve.items():
@@ -254,8 +241,7 @@ def write_report(trainer, args, rows, curve, folder, seconds):
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend()
         fig.tight_layout()
-        save_figure(fig, out / "stage2_learning_curve.png")
-        plt.close(fig)
+        common.save_figure(fig, out / "stage2_learning_curve.png")
     print(f"wrote {out / 'stage2_models.md'} (+ PNGs)")
 
 

@@ -1,176 +1,198 @@
-"""Stage 2, step 3: train one CTR model (LR, FM, DNN, DeepFM, DCN, DCN-v2) on Criteo-format data.
+"""Stage 2, the trainer: one CTR model (LR, FM, DNN, DeepFM, DCN, DCN-v2) on Criteo-format data.
 
 What you learn here: the whole CTR training loop by hand - a streaming loader feeding hashed ids,
-one 2^20-row embedding table trained with sparse gradients (RowSparseAdam, models/optim.py,
-touches only the rows of the batch), LogLoss + AUC on validation, early stopping, checkpoints you can resume from, and
+one 2^20-row embedding table trained with sparse gradients (RowSparseAdam touches only the rows
+of the batch), LogLoss + AUC on validation, early stopping, checkpoints you can resume from, and
 DDP across processes with the same script (torchrun). On synthetic data the oracle's scores are
 printed next to the model's, so you see how far from the best possible each model is.
 
+Read with it: stage2_ctr/models/layers.py and the model you train, stage2_ctr/training.py (the
+optimizers and the step), stage2_ctr/criteo.py (the loader, chapter 02).
 Run:    python stage2_ctr/train_ctr.py --model deepfm
-        python stage2_ctr/train_ctr.py --model dcn --cross-layers 3 --epochs 2 --device cuda --amp
+        python stage2_ctr/train_ctr.py --model dcn --cross-layers 3 --epochs 2 --device cuda
         torchrun --nproc_per_node 2 stage2_ctr/train_ctr.py --model deepfm     # DDP (gloo on CPU)
         torchrun --nnodes 2 --node_rank R --master_addr HOST --master_port 29500 \\
                  --nproc_per_node 8 stage2_ctr/train_ctr.py ...                 # several machines
 Reads:  --train/--val/--test (default: stage2_ctr/data/synthetic/*.txt from 01_make_subset.py)
-Writes: runs/<name>/metrics.json, curves.png, best.pt (best on val), last.pt (for --resume)
+Writes: runs/<name>/metrics.json (with the config), curves.png, best.pt (best on val), last.pt
+Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
-import importlib.util
 import json
 import os
-import resource
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from sklearn.metrics import log_loss, roc_auc_score
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-from models import MODELS, build_model  # noqa: E402
-from models.optim import RowSparseAdam  # noqa: E402
+import common  # noqa: E402
+from stage2_ctr import criteo  # noqa: E402
+from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
+from stage2_ctr.training import make_optimizers, make_step, predict  # noqa: E402
 
-DATA = HERE / "data" / "synthetic"
+DATA = Path(__file__).resolve().parent / "data" / "synthetic"
 
 
-def load_loader_module():
-    """02_dataloader.py starts with a digit: load it by path."""
-    spec = importlib.util.spec_from_file_location("criteo_loader", HERE / "02_dataloader.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["criteo_loader"] = module
-    spec.loader.exec_module(module)
-    return module
+# ------------------------------------------------------------------------------------ config
+@dataclass
+class TrainConfig:
+    """Everything that decides a run's numbers. Written verbatim into metrics.json; a finished
+    run is reused (03_compare_models.py) only when its whole recorded config is equal."""
+    model: str = "deepfm"
+    train: list = field(default_factory=lambda: [str(DATA / "train.txt")])
+    val: list = field(default_factory=lambda: [str(DATA / "val.txt")])
+    test: list = field(default_factory=lambda: [str(DATA / "test.txt")])
+    stats: str = None           # dense statistics JSON; None: <train>.stats.json, fitted once
+    device: str = "auto"
+    epochs: int = 1
+    max_steps: int = 0          # 0: no limit
+    batch_size: int = 4096
+    lr: float = 1e-3
+    emb_dim: int = 16
+    hash_bits: int = 20
+    mlp: tuple = (400, 400, 400)
+    cross_layers: int = 3
+    dropout: float = 0.0
+    weight_decay: float = 0.0   # dense parameters only (AdamW; see training.make_optimizers)
+    sparse_emb: str = "auto"    # sparse gradients + RowSparseAdam for the tables (auto: CPU)
+    compile: bool = False
+    num_workers: int = 1
+    shuffle_buffer: int = 0
+    eval_every: int = 0         # 0: validate at the end of each epoch
+    patience: int = 2
+    ckpt_every: int = 0
+    threads: int = 0
+    seed: int = 0
+    run_name: str = None
+    runs_dir: str = str(common.RUNS)
 
 
 def parse_args(argv=None):
+    """The command line -> (TrainConfig, resume, quiet). Every flag defaults to the dataclass."""
+    d = TrainConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(MODELS), default="deepfm")
-    p.add_argument("--train", nargs="+", default=[str(DATA / "train.txt")])
-    p.add_argument("--val", nargs="+", default=[str(DATA / "val.txt")])
-    p.add_argument("--test", nargs="+", default=[str(DATA / "test.txt")])
-    p.add_argument("--stats", default=None,
+    p.add_argument("--model", choices=MODELS, default=d.model)
+    p.add_argument("--train", nargs="+", default=d.train, help="training file(s)")
+    p.add_argument("--val", nargs="+", default=d.val, help="validation file(s)")
+    p.add_argument("--test", nargs="+", default=d.test, help="test file(s)")
+    p.add_argument("--stats", default=d.stats,
                    help="dense statistics JSON (default <train>.stats.json, fitted if missing)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no)")
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--emb-dim", type=int, default=16)
-    p.add_argument("--hash-bits", type=int, default=20)
-    p.add_argument("--mlp", default="400,400,400", help="hidden sizes of the MLP")
-    p.add_argument("--cross-layers", type=int, default=3)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="dense parameters only")
-    p.add_argument("--sparse-emb", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--device", type=common.device_arg, default=d.device,
+                   help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--epochs", type=common.positive_int, default=d.epochs)
+    p.add_argument("--max-steps", type=common.non_negative_int, default=d.max_steps,
+                   help="stop after this many steps (0: no limit)")
+    p.add_argument("--batch-size", type=common.positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=common.positive_float, default=d.lr)
+    p.add_argument("--emb-dim", type=common.positive_int, default=d.emb_dim)
+    p.add_argument("--hash-bits", type=common.checked(int, lambda v: 1 <= v <= 30, "in [1, 30]"),
+                   default=d.hash_bits)
+    p.add_argument("--mlp", type=common.layer_list, default=d.mlp,
+                   help="hidden sizes of the MLP, e.g. 400,400,400")
+    p.add_argument("--cross-layers", type=common.non_negative_int, default=d.cross_layers)
+    p.add_argument("--dropout", type=common.probability, default=d.dropout)
+    p.add_argument("--weight-decay", type=common.non_negative_float, default=d.weight_decay,
+                   help="AdamW weight decay of the dense parameters")
+    p.add_argument("--sparse-emb", choices=["auto", "on", "off"], default=d.sparse_emb,
                    help="sparse gradients + RowSparseAdam for the tables (auto: on for CPU)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--num-workers", type=int, default=1, help="loader worker processes")
-    p.add_argument("--shuffle-buffer", type=int, default=0, help="rows shuffled together")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: epoch)")
-    p.add_argument("--patience", type=int, default=2, help="evaluations without val AUC gain")
-    p.add_argument("--ckpt-every", type=int, default=0, help="write last.pt every N steps")
+    p.add_argument("--num-workers", type=common.non_negative_int, default=d.num_workers,
+                   help="loader worker processes")
+    p.add_argument("--shuffle-buffer", type=common.non_negative_int, default=d.shuffle_buffer,
+                   help="rows shuffled together")
+    p.add_argument("--eval-every", type=common.non_negative_int, default=d.eval_every,
+                   help="validate every N steps (0: at the end of each epoch)")
+    p.add_argument("--patience", type=common.positive_int, default=d.patience,
+                   help="evaluations without a val AUC gain before stopping")
+    p.add_argument("--ckpt-every", type=common.non_negative_int, default=d.ckpt_every,
+                   help="write last.pt every N steps (and at each epoch end)")
+    p.add_argument("--threads", type=common.non_negative_int, default=d.threads,
+                   help="torch CPU threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--run-name", default=d.run_name, help="default ctr_<model>_s<seed>")
+    p.add_argument("--runs-dir", default=d.runs_dir)
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/last.pt")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--run-name", default=None)
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"))
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    for name in ["epochs", "batch_size", "emb_dim"]:
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 1 <= args.hash_bits <= 30:
-        p.error("--hash-bits must be in [1, 30]")
-    if args.lr <= 0 or args.dropout < 0 or args.dropout >= 1 or args.cross_layers < 0:
-        p.error("--lr must be > 0, --dropout in [0, 1), --cross-layers >= 0")
-    try:
-        args.mlp_sizes = [int(h) for h in args.mlp.split(",") if h]
-    except ValueError:
-        p.error("--mlp is a comma-separated list of layer sizes, e.g. 400,400,400")
-    args.run_name = args.run_name or f"ctr_{args.model}_s{args.seed}"
-    return args
+    args = vars(p.parse_args(argv))
+    resume, quiet = args.pop("resume"), args.pop("quiet")
+    cfg = TrainConfig(**args)
+    cfg.run_name = cfg.run_name or f"ctr_{cfg.model}_s{cfg.seed}"
+    return cfg, resume, quiet
 
 
-# --------------------------------------------------------------------------------- set-up
-def setup_distributed(args):
+# -------------------------------------------------------------------------------------- set-up
+def setup_distributed(device_name):
     """torchrun sets RANK/WORLD_SIZE; one process = one rank. gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if args.device.startswith("cuda") or (
-            args.device == "auto" and torch.cuda.is_available()) else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = common.resolve_device(device_name, local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
-def dense_stats(args, loader_mod, rank):
-    path = Path(args.stats or str(args.train[0]) + ".stats.json")
+def dense_stats(stats_path, train_files, rank):
+    """The train split's dense statistics: read, or fitted once by rank 0 and written next to
+    the (first) train file."""
+    path = Path(stats_path or str(train_files[0]) + ".stats.json")
     if rank == 0 and not path.exists():
-        loader_mod.write_json_atomic(path, loader_mod.fit_stats(args.train, 1_000_000))
+        common.write_json(path, criteo.fit_stats(train_files, 1_000_000))
     if dist.is_initialized():
         dist.barrier()
     return json.loads(path.read_text())
 
 
-def make_stream(loader_mod, files, args, stats, shuffle, group=1):
-    return loader_mod.CriteoStream(files, args.batch_size, args.hash_bits, stats,
-                                   shuffle_buffer=args.shuffle_buffer if shuffle else 0,
-                                   seed=args.seed, verbose=False, group=group)
+def build(cfg, device):
+    """The model (sparse tables on CPU by default), its optimizers, the module to train
+    (compiled and/or DDP-wrapped) and whether the tables are sparse."""
+    sparse = cfg.sparse_emb == "on" or (cfg.sparse_emb == "auto" and device.type == "cpu")
+    model = build_model(cfg.model, criteo_schema(cfg.hash_bits), emb_dim=cfg.emb_dim,
+                        mlp=cfg.mlp, dropout=cfg.dropout, cross_layers=cfg.cross_layers,
+                        sparse=sparse).to(device)
+    optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay)
+    train_model = torch.compile(model) if cfg.compile else model
+    if dist.is_initialized():
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device] if device.type == "cuda" else None)
+    return model, optimizers, train_model, sparse
 
 
-def make_optimizers(model, args, sparse):
-    """Tables with sparse gradients -> RowSparseAdam (only the rows in the batch move; the same
-    update as torch.optim.SparseAdam without its sort: see models/optim.py); everything else ->
-    Adam with weight decay, fused (one kernel for all tensors instead of a loop over them)."""
-    tables = [m.weight for m in model.modules()
-              if isinstance(m, torch.nn.Embedding) and m.sparse]
-    table_ids = {id(t) for t in tables}
-    rest = [p for p in model.parameters() if id(p) not in table_ids]
-    fused = all(p.device.type in ("cpu", "cuda") for p in rest) or None
-    opts = [torch.optim.Adam(rest, lr=args.lr, weight_decay=args.weight_decay, fused=fused)]
-    if sparse and tables:
-        opts.append(RowSparseAdam(tables, lr=args.lr))
-    return opts
+def epoch_batches(stream, epoch, num_workers, batch_size, seed, device):
+    """The epoch's batches with whether each is the last one (a one-batch lookahead), so the
+    loop can evaluate at the end of an epoch from one call site. The DataLoader gets its own
+    generator: creating the iterator must not draw from the global RNG that dropout uses, or a
+    resumed run would see other dropout masks than the original."""
+    stream.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(seed))
+    it = criteo.iter_batches(loader, batch_size)
+    batch = next(it, None)
+    while batch is not None:
+        following = next(it, None)
+        yield batch, following is None
+        batch = following
 
 
-# ------------------------------------------------------------------------------ evaluate
-@torch.no_grad()
-def evaluate(model, loader_mod, files, args, stats, device):
-    """Predict a whole split (each rank its shard, then gathered) -> AUC and LogLoss."""
-    model.eval()
-    probs, labels = [], []
-    for dense, sparse, label in make_stream(loader_mod, files, args, stats, shuffle=False):
-        logits = model(dense.to(device), sparse.to(device))
-        probs.append(torch.sigmoid(logits.float()).cpu().numpy())
-        labels.append(label.numpy())
-    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
-    y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+# ---------------------------------------------------------------------------- evaluate, save
+def evaluate(model, stream, device):
+    """AUC and LogLoss over a whole split (with DDP: each rank its shard, then gathered)."""
+    p, y = predict(model, stream, device)
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (p, y))
-        p = np.concatenate([g[0] for g in gathered])
-        y = np.concatenate([g[1] for g in gathered])
-    model.train()
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p, labels=[0, 1])),
-            "rows": int(len(y))}
+        p = torch.cat([torch.from_numpy(g[0]) for g in gathered]).numpy()
+        y = torch.cat([torch.from_numpy(g[1]) for g in gathered]).numpy()
+    return common.auc_logloss(y, p)
 
 
 def oracle_scores(files):
@@ -185,33 +207,146 @@ def oracle_scores(files):
     return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
 
 
-# -------------------------------------------------------------------------------- helpers
-def atomic_save(obj, path):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def save_last(path, model, optimizers, state, cfg):
+    common.torch_save({"model": model.state_dict(), "state": state,
+                       "rng": torch.get_rng_state(), "config": asdict(cfg),
+                       "optimizers": [o.state_dict() for o in optimizers]}, path)
 
 
-def atomic_write_text(path, text):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+def load_last(path, model, optimizers, device):
+    ckpt = torch.load(path, weights_only=True, map_location=device)
+    model.load_state_dict(ckpt["model"])
+    for opt, sd in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(sd)
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["state"]
 
 
+# ------------------------------------------------------------------------------------ the run
+def train(cfg, resume=False, quiet=False):
+    """One training run; returns the metrics dict that it writes to runs/<name>/metrics.json."""
+    t_start = time.perf_counter()
+    rank, world, device = setup_distributed(cfg.device)
+    common.set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    say = (lambda *a: None) if quiet or rank else tqdm.write
+
+    # data: the train stream (workers hand over 8 batches at a time), val/test streams
+    stats = dense_stats(cfg.stats, cfg.train, rank)
+    train_stream = criteo.CriteoStream(cfg.train, cfg.batch_size, cfg.hash_bits, stats,
+                                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                                       verbose=False, group=8 if cfg.num_workers else 1)
+    val_stream, test_stream = (criteo.CriteoStream(f, cfg.batch_size, cfg.hash_bits, stats,
+                                                   verbose=False) for f in (cfg.val, cfg.test))
+    # model, optimizers, the step
+    model, optimizers, train_model, sparse = build(cfg, device)
+    step = make_step(train_model, optimizers)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_auc": -1.0, "best_step": 0,
+             "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0}
+    if resume and (run_dir / "last.pt").exists():
+        state = load_last(run_dir / "last.pt", model, optimizers, device)
+        say(f"resumed from {run_dir / 'last.pt'} at step {state['step']}")
+    say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters | device "
+        f"{device} | world {world} | sparse tables {sparse} | batch {cfg.batch_size} | "
+        f"hash 2^{cfg.hash_bits}")
+
+    bar = tqdm(total=cfg.max_steps or None, initial=state["step"], unit=" step",
+               disable=quiet or rank != 0)
+    stop, loss_sum, loss_n = False, torch.zeros((), dtype=torch.float64, device=device), 0
+    while state["epoch"] < cfg.epochs and not stop:
+        t0 = time.perf_counter()
+        batches = epoch_batches(train_stream, state["epoch"], cfg.num_workers, cfg.batch_size,
+                                cfg.seed, device)
+        for i, ((dense, sparse_ids, label), last) in enumerate(batches):
+            if i < state["batches_in_epoch"]:
+                continue  # resume: the stream is deterministic, skip what already ran
+            # one step; the loss stays on the device (no host sync per step)
+            loss = step(dense.to(device, non_blocking=True),
+                        sparse_ids.to(device, non_blocking=True),
+                        label.to(device, non_blocking=True))
+            loss_sum, loss_n = loss_sum + loss, loss_n + 1
+            state.update(step=state["step"] + 1, batches_in_epoch=i + 1,
+                         samples=state["samples"] + len(label) * world)
+            bar.update(1)
+            if state["step"] % 50 == 0:  # the progress bar: the only read between evaluations
+                seconds = state["train_seconds"] + time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_sum.item() / loss_n:.4f}",
+                                samples_s=f"{state['samples'] / seconds:,.0f}")
+            if last:
+                state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+            # evaluate and checkpoint: every eval_every steps, at each epoch end, at max_steps
+            at_max = cfg.max_steps and state["step"] >= cfg.max_steps
+            if last or at_max or (cfg.eval_every and state["step"] % cfg.eval_every == 0):
+                state["train_seconds"] += time.perf_counter() - t0
+                val = evaluate(model, val_stream, device)
+                stop = record_eval(state, val, loss_sum.item() / max(loss_n, 1),
+                                   cfg.patience, run_dir, model, rank, say) or bool(at_max)
+                loss_sum.zero_()
+                loss_n, t0 = 0, time.perf_counter()
+            if rank == 0 and cfg.ckpt_every and (last or state["step"] % cfg.ckpt_every == 0):
+                save_last(run_dir / "last.pt", model, optimizers, state, cfg)
+            if stop:
+                break
+    bar.close()
+    return finish(cfg, model, device, state, val_stream, test_stream, run_dir, rank, world,
+                  time.perf_counter() - t_start, quiet)
+
+
+def record_eval(state, val, train_loss, patience, run_dir, model, rank, say):
+    """Log the evaluation, keep best.pt when val AUC improved; True when patience ran out."""
+    state["history"].append({"step": state["step"], "train_loss": train_loss,
+                             "val_auc": val["auc"], "val_logloss": val["logloss"]})
+    if val["auc"] > state["best_auc"]:
+        state.update(best_auc=val["auc"], best_step=state["step"], bad_evals=0)
+        if rank == 0:
+            common.torch_save(model.state_dict(), run_dir / "best.pt")
+    else:
+        state["bad_evals"] += 1
+    say(f"step {state['step']}: train logloss {train_loss:.4f} | val AUC {val['auc']:.4f} "
+        f"logloss {val['logloss']:.4f}")
+    return state["bad_evals"] >= patience
+
+
+def finish(cfg, model, device, state, val_stream, test_stream, run_dir, rank, world, wall_s,
+           quiet):
+    """Test with the best checkpoint, write metrics.json and curves.png, print the report."""
+    if (run_dir / "best.pt").exists():
+        model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True,
+                                         map_location=device))
+    splits = {"val": evaluate(model, val_stream, device),
+              "test": evaluate(model, test_stream, device)}
+    for name, files in [("val", cfg.val), ("test", cfg.test)]:
+        oracle = oracle_scores(files)
+        if oracle:
+            splits[name].update(oracle=oracle, auc_gap_to_oracle=oracle["auc"] -
+                                splits[name]["auc"], logloss_gap_to_oracle=splits[name][
+                                "logloss"] - oracle["logloss"])
+    metrics = {"script": "stage2_ctr/train_ctr.py", "model": cfg.model,
+               "dataset": Path(cfg.train[0]).parent.name, "device": str(device),
+               "seed": cfg.seed, "world_size": world, "config": asdict(cfg), "splits": splits,
+               "best_step": state["best_step"], "steps": state["step"],
+               "history": state["history"],
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "train_samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
+               "peak_rss_mb": common.peak_rss_mb(),
+               "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                               if device.type == "cuda" else None), "wall_s": wall_s}
+    if rank == 0:
+        common.write_json(run_dir / "metrics.json", metrics)
+        if state["history"]:
+            plot_curves(state["history"], run_dir / "curves.png")
+        if not quiet:
+            report(metrics, run_dir)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ report
 def plot_curves(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
     steps = [h["step"] for h in history]
     ax1.plot(steps, [h["train_loss"] for h in history])
@@ -219,187 +354,7 @@ def plot_curves(history, path):
     ax2.plot(steps, [h["val_auc"] for h in history], marker="o")
     ax2.set(xlabel="step", ylabel="val AUC", title="validation")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=90)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
-    plt.close(fig)
-
-
-def peak_memory_mb(device):
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return rss, gpu
-
-
-# ----------------------------------------------------------------------------------- main
-def run(argv=None):
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    rank, world, device = setup_distributed(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    loader_mod = load_loader_module()
-    try:
-        stats = dense_stats(args, loader_mod, rank)
-        # worker processes hand over 8 batches at a time (see 02_dataloader.iter_batches)
-        train_stream = make_stream(loader_mod, args.train, args, stats, shuffle=True,
-                                   group=8 if args.num_workers else 1)
-        make_stream(loader_mod, args.val, args, stats, shuffle=False)  # checks the paths
-    except loader_mod.CriteoFormatError as e:
-        sys.exit(f"error: {e}")
-    sparse = args.sparse_emb == "on" or (args.sparse_emb == "auto" and device.type == "cpu")
-    model = build_model(args.model, 2 ** args.hash_bits, emb_dim=args.emb_dim,
-                        mlp=args.mlp_sizes, dropout=args.dropout,
-                        cross_layers=args.cross_layers, sparse=sparse).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizers = make_optimizers(model, args, sparse)
-    train_model = model
-    if args.compile:
-        train_model = torch.compile(model)
-    if dist.is_initialized():
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device] if device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.amp and
-                device.type == "cuda" else nullcontext())
-    run_dir = Path(args.runs_dir) / args.run_name
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-
-    # state that a checkpoint carries -----------------------------------------------------
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_auc": -1.0, "best_step": 0,
-             "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0}
-    if args.resume and (run_dir / "last.pt").exists():
-        ckpt = torch.load(run_dir / "last.pt", weights_only=True, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        for opt, sd in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(sd)
-        state = ckpt["state"]
-        torch.set_rng_state(ckpt["rng"])
-        if rank == 0 and not args.quiet:
-            print(f"resumed from {run_dir / 'last.pt'} at step {state['step']}")
-
-    def save_last():
-        if rank == 0:
-            atomic_save({"model": model.state_dict(), "state": state, "rng": torch.get_rng_state(),
-                         "optimizers": [o.state_dict() for o in optimizers],
-                         "config": vars(args)}, run_dir / "last.pt")
-
-    if rank == 0 and not args.quiet:
-        print(f"{args.model}: {n_params:,} parameters | device {device} | world {world} | "
-              f"sparse tables {sparse} | batch {args.batch_size} | hash 2^{args.hash_bits}")
-
-    # the loop ---------------------------------------------------------------------------
-    stop, loss_sum, loss_n = False, 0.0, 0
-    bar = tqdm(total=args.max_steps or None, initial=state["step"], unit=" step",
-               disable=args.quiet or rank != 0)
-    while state["epoch"] < args.epochs and not stop:
-        train_stream.set_epoch(state["epoch"])
-        # its own generator: creating the iterator must not draw from the global RNG that
-        # dropout uses, or a resumed run would see other dropout masks than the original
-        loader = torch.utils.data.DataLoader(train_stream, batch_size=None,
-                                             num_workers=args.num_workers,
-                                             pin_memory=device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(args.seed))
-        skip = state["batches_in_epoch"]  # resume: the stream is deterministic, skip what ran
-        t0 = time.perf_counter()
-        for i, (dense, sparse_ids, label) in enumerate(
-                loader_mod.iter_batches(loader, args.batch_size)):
-            if i < skip:
-                continue
-            dense = dense.to(device, non_blocking=True)
-            sparse_ids = sparse_ids.to(device, non_blocking=True)
-            label = label.to(device, non_blocking=True)
-            with autocast:
-                logits = train_model(dense, sparse_ids)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), label)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            state["step"] += 1
-            state["batches_in_epoch"] = i + 1
-            state["samples"] += len(label) * world
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-            bar.update(1)
-            if state["step"] % 20 == 0:
-                elapsed = state["train_seconds"] + time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}",
-                                samples_s=f"{state['samples'] / elapsed:,.0f}")
-            at_max = args.max_steps and state["step"] >= args.max_steps
-            if (args.eval_every and state["step"] % args.eval_every == 0) or at_max:
-                state["train_seconds"] += time.perf_counter() - t0
-                stop = validate(model, loader_mod, args, stats, device, state, run_dir, rank,
-                                loss_sum / max(loss_n, 1))
-                loss_sum, loss_n, t0 = 0.0, 0, time.perf_counter()
-            if args.ckpt_every and state["step"] % args.ckpt_every == 0:
-                save_last()
-            if stop or at_max:
-                stop = True
-                break
-        else:  # the epoch ended
-            state["train_seconds"] += time.perf_counter() - t0
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-            if not args.eval_every or state["step"] % args.eval_every:
-                stop = validate(model, loader_mod, args, stats, device, state, run_dir, rank,
-                                loss_sum / max(loss_n, 1))
-                loss_sum, loss_n = 0.0, 0
-            if args.ckpt_every:
-                save_last()
-    bar.close()
-
-    # test with the best checkpoint -------------------------------------------------------
-    if (run_dir / "best.pt").exists():
-        model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True,
-                                         map_location=device))
-    splits = {"val": evaluate(model, loader_mod, args.val, args, stats, device),
-              "test": evaluate(model, loader_mod, args.test, args, stats, device)}
-    for name, files in [("val", args.val), ("test", args.test)]:
-        oracle = oracle_scores(files)
-        if oracle:
-            splits[name]["oracle"] = oracle
-            splits[name]["auc_gap_to_oracle"] = oracle["auc"] - splits[name]["auc"]
-            splits[name]["logloss_gap_to_oracle"] = splits[name]["logloss"] - oracle["logloss"]
-    rss, gpu = peak_memory_mb(device)
-    metrics = {"script": "stage2_ctr/train_ctr.py", "model": args.model,
-               "dataset": str(Path(args.train[0]).parent.name), "device": str(device),
-               "seed": args.seed, "world_size": world,
-               "config": {k: v for k, v in vars(args).items() if k != "mlp_sizes"},
-               "splits": splits, "best_step": state["best_step"], "steps": state["step"],
-               "history": state["history"], "parameters": n_params,
-               "train_samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
-               "peak_rss_mb": rss, "peak_gpu_mb": gpu,
-               "wall_s": time.perf_counter() - t_start}
-    if rank == 0:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
-        if state["history"]:
-            plot_curves(state["history"], run_dir / "curves.png")
-        if not args.quiet:
-            report(metrics, run_dir)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return metrics
-
-
-def validate(model, loader_mod, args, stats, device, state, run_dir, rank, train_loss):
-    """Val AUC; keep best.pt; return True when patience runs out (early stop)."""
-    val = evaluate(model, loader_mod, args.val, args, stats, device)
-    state["history"].append({"step": state["step"], "train_loss": train_loss,
-                             "val_auc": val["auc"], "val_logloss": val["logloss"]})
-    if val["auc"] > state["best_auc"]:
-        state.update(best_auc=val["auc"], best_step=state["step"], bad_evals=0)
-        if rank == 0:
-            atomic_save(model.state_dict(), run_dir / "best.pt")
-    else:
-        state["bad_evals"] += 1
-    if rank == 0 and not args.quiet:
-        tqdm.write(f"step {state['step']}: train logloss {train_loss:.4f} | val AUC "
-                   f"{val['auc']:.4f} logloss {val['logloss']:.4f}")
-    return state["bad_evals"] >= args.patience
+    common.save_figure(fig, path, dpi=90)
 
 
 def report(m, run_dir):
@@ -413,5 +368,13 @@ def report(m, run_dir):
     print(f"wrote {run_dir}/metrics.json, curves.png, best.pt")
 
 
+def main(argv=None):
+    cfg, resume, quiet = parse_args(argv)
+    try:
+        return train(cfg, resume, quiet)
+    except criteo.CriteoFormatError as e:
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    run()
+    main()

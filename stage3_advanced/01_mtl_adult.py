@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (ADULT_NPZ, ADULT_TASKS, NON_NEGATIVE_INT, POSITIVE_INT,  # noqa: E402
-                           ROOT, AdultMultiTask, auc_per_task, bce, fit, load_adult, mean_std,
-                           n_params, predict, pyplot, quick_or_results, save_figure, setup,
-                           write_json, write_text)
-from models.mtl import width_for_budget  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import common  # noqa: E402
+from common import (mean_std, non_negative_int, positive_int, pyplot,  # noqa: E402
+                    quick_or_results, save_figure, write_json, write_text)
+from stage2_ctr.models.mtl import build_mtl, n_params, width_for_budget  # noqa: E402
+from stage3_advanced.stage3_common import (ADULT_NPZ, ADULT_TASKS, AdultMultiTask,  # noqa: E402
+                                           auc_per_task, bce, fit, load_adult, predict, setup)
 
 ARCHS = ["shared_bottom", "mmoe", "ple"]
 
@@ -36,10 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--bottom-width", type=int, default=256,
                    help="shared-bottom MLP: [w, w/2]; its parameter count is the budget")
     p.add_argument("--tower", default="32", help="hidden sizes of each task tower")
-    p.add_argument("--experts", type=POSITIVE_INT, default=4, help="MMoE experts")
-    p.add_argument("--ple-shared", type=NON_NEGATIVE_INT, default=2,
+    p.add_argument("--experts", type=positive_int, default=4, help="MMoE experts")
+    p.add_argument("--ple-shared", type=non_negative_int, default=2,
                    help="PLE shared experts")
-    p.add_argument("--ple-specific", type=POSITIVE_INT, default=1, help="PLE experts per task")
+    p.add_argument("--ple-specific", type=positive_int, default=1, help="PLE experts per task")
     p.add_argument("--emb-dim", type=int, default=8)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="default results/stage3_mtl_adult.md; with --quick runs/quick/ (the "
                         "committed table stays)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(quick_or_results(args.quick) / "stage3_mtl_adult.md")
@@ -70,7 +71,6 @@ def block_kwargs(args, arch, n_tasks, in_dim):
               n_shared=args.ple_shared, n_specific=args.ple_specific)
     if arch == "shared_bottom":
         return dict(kw, width=args.bottom_width)
-    from models.mtl import build_mtl
     budget = n_params(build_mtl("shared_bottom", in_dim, 2, width=args.bottom_width, **kw))
     return dict(kw, width=width_for_budget(arch, in_dim, n_tasks, budget, **kw))
 

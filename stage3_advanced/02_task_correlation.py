@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (CORRELATION, ROOT, mean_std, n_params, pyplot,  # noqa: E402
-                           quick_or_results, save_figure, setup, write_json, write_text)
-from models.mtl import build_mtl  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import common  # noqa: E402
+from common import (correlation, mean_std, pyplot, quick_or_results, save_figure,  # noqa: E402
+                    write_json, write_text)
+from stage2_ctr.models.mtl import build_mtl, n_params  # noqa: E402
+from stage3_advanced.stage3_common import setup  # noqa: E402
 
 MODELS = {  # name -> build_mtl keyword arguments (the paper's sizes)
     "shared_bottom": dict(width=113),
@@ -43,7 +45,7 @@ MODELS = {  # name -> build_mtl keyword arguments (the paper's sizes)
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corrs", type=CORRELATION, nargs="+", default=[0.5, 0.9, 1.0],
+    p.add_argument("--corrs", type=correlation, nargs="+", default=[0.5, 0.9, 1.0],
                    help="task correlations p = cos(w1, w2), each in [-1, 1]")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--seeds", default="0,1,2")
@@ -63,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="default results/stage3_task_correlation.md; with --quick runs/quick/ (the "
                         "committed table stays)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(quick_or_results(args.quick) / "stage3_task_correlation.md")

@@ -17,20 +17,21 @@ Writes: results/stage3_mtl_ctr.md, results/stage3_mtl_ctr.png, runs/stage3_mtl_c
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (CORRELATION, HERE, NON_NEGATIVE_INT, POSITIVE_INT, ROOT,  # noqa: E402
-                           CTRInputs, auc_per_task, bce, fit, load_criteo, load_numbered, mean_std,
-                           n_params, pyplot, quick_or_results, save_figure, setup, write_json,
-                           write_text)
-from models.layers import N_FIELDS  # noqa: E402
-from models.mtl import CTRMultiTask, build_mtl, width_for_budget  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import common  # noqa: E402
+from common import (correlation, mean_std, non_negative_int, positive_int, pyplot,  # noqa: E402
+                    quick_or_results, save_figure, write_json, write_text)
+from stage2_ctr import criteo, synthetic  # noqa: E402
+from stage2_ctr.models import criteo_schema  # noqa: E402
+from stage2_ctr.models.mtl import CTRMultiTask, build_mtl, n_params, width_for_budget  # noqa: E402
+from stage3_advanced.stage3_common import (HERE, CTRInputs, auc_per_task, bce, fit,  # noqa: E402
+                                           load_criteo, setup)
 
 ARCHS = ["shared_bottom", "mmoe", "ple", "single_task"]  # single_task: one model per task
 TASKS = ["click", "conversion"]
@@ -39,7 +40,7 @@ TASKS = ["click", "conversion"]
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corrs", type=CORRELATION, nargs="+", default=[0.9, 0.2],
+    p.add_argument("--corrs", type=correlation, nargs="+", default=[0.9, 0.2],
                    help="--task-corr of the generator, one data set each")
     p.add_argument("--rows", type=int, default=400_000, help="rows per data set (8:1:1 split)")
     p.add_argument("--data-root", default=str(HERE / "data"))
@@ -50,10 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--emb-dim", type=int, default=8)
     p.add_argument("--bottom-width", type=int, default=256,
                    help="shared-bottom MLP [w, w/2]: its parameter count is the budget")
-    p.add_argument("--experts", type=POSITIVE_INT, default=4,
+    p.add_argument("--experts", type=positive_int, default=4,
                    help="MMoE experts")
-    p.add_argument("--ple-shared", type=NON_NEGATIVE_INT, default=2)
-    p.add_argument("--ple-specific", type=POSITIVE_INT, default=1)
+    p.add_argument("--ple-shared", type=non_negative_int, default=2)
+    p.add_argument("--ple-specific", type=positive_int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=3)
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="default results/stage3_mtl_ctr.md; with --quick runs/quick/ (the "
                         "committed table stays)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(quick_or_results(args.quick) / "stage3_mtl_ctr.md")
@@ -80,20 +81,18 @@ def data_dir(args, corr):
 
 def ensure_data(args, corr):
     folder = data_dir(args, corr)
-    command = [sys.executable, str(ROOT / "stage2_ctr" / "01_make_subset.py"),
-               "--synthetic", str(args.rows), "--tasks", "2", "--task-corr", str(corr),
-               "--out-dir", str(folder)]
     if not (folder / "meta.json").exists():
         if not args.make_data:
-            sys.exit(f"error: {folder}/meta.json not found: run `python "
-                     f"{' '.join(command[1:])}` first (or add --make-data)")
-        subprocess.run(command, check=True)
+            sys.exit(f"error: {folder}/meta.json not found: run `python stage2_ctr/"
+                     f"01_make_subset.py --synthetic {args.rows} --tasks 2 --task-corr {corr} "
+                     f"--out-dir {folder}` first (or add --make-data)")
+        synthetic.make_synthetic(synthetic.SyntheticConfig(rows=args.rows, tasks=2,
+                                                           task_corr=corr), folder)
     return folder
 
 
 def load_split_set(args, folder):
-    loader = load_numbered("stage2_ctr/02_dataloader.py", "criteo_loader")
-    stats = loader.fit_stats([folder / "train.txt"], n_labels=2)
+    stats = criteo.fit_stats([folder / "train.txt"], n_labels=2)
     data = {s: load_criteo(folder / f"{s}.txt", 2, args.hash_bits, stats)
             for s in ["train", "val", "test"]}
     meta = json.loads((folder / "meta.json").read_text())
@@ -104,7 +103,7 @@ def load_split_set(args, folder):
 def block_kwargs(args, arch):
     kw = dict(depth=2, tower=(32,), n_experts=args.experts, n_shared=args.ple_shared,
               n_specific=args.ple_specific, batch_norm=True)
-    in_dim = N_FIELDS * args.emb_dim
+    in_dim = criteo_schema().n_fields * args.emb_dim
     if arch in ("shared_bottom", "single_task"):
         return dict(kw, width=args.bottom_width)
     budget = n_params(build_mtl("shared_bottom", in_dim, 2, width=args.bottom_width, **kw))
@@ -115,7 +114,7 @@ def train_eval(args, data, arch, n_tasks, seed):
     setup(args.threads, seed)
     kw = block_kwargs(args, arch)
     block = "shared_bottom" if arch == "single_task" else arch
-    model = CTRInputs(CTRMultiTask(2 ** args.hash_bits, block, n_tasks, args.emb_dim,
+    model = CTRInputs(CTRMultiTask(criteo_schema(args.hash_bits), block, n_tasks, args.emb_dim,
                                    sparse=True, **kw))
     info = fit(model, data["train"], data["val"], bce, lr=args.lr,
                batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,

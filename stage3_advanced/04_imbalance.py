@@ -24,7 +24,6 @@ Writes: results/stage3_imbalance.md, results/stage3_imbalance.png (reliability d
 """
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,12 +33,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (ADULT_NPZ, HERE, ROOT, AdultMultiTask, CTRInputs,  # noqa: E402
-                           binary_metrics, checked, fit, load_adult, load_criteo, load_numbered,
-                           mean_std, predict, pyplot, quick_or_results, save_figure, setup,
-                           write_json, write_text)
-from models import build_model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import common  # noqa: E402
+from common import (binary_metrics, checked, mean_std, pyplot, quick_or_results,  # noqa: E402
+                    save_figure, write_json, write_text)
+from stage2_ctr import criteo, synthetic  # noqa: E402
+from stage2_ctr.models import build_model, criteo_schema  # noqa: E402
+from stage3_advanced.stage3_common import (ADULT_NPZ, HERE, AdultMultiTask, CTRInputs,  # noqa: E402
+                                           fit, load_adult, load_criteo, predict, setup)
 
 
 def focal_loss(logits, y, gamma=2.0, alpha=None):
@@ -91,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="default results/stage3_imbalance.md; with --quick runs/quick/ (the "
                         "committed table stays)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(quick_or_results(args.quick) / "stage3_imbalance.md")
@@ -111,19 +112,18 @@ def load_dataset(args, name):
         return data, None, lambda: AdultMultiTask(meta, "shared_bottom", 1, width=256,
                                                   depth=2, tower=(32,), dropout=0.2)
     folder = Path(args.data_root) / f"ctr_low_{args.rows}_ctr{args.ctr:g}"
-    command = [sys.executable, str(ROOT / "stage2_ctr" / "01_make_subset.py"), "--synthetic",
-               str(args.rows), "--ctr", str(args.ctr), "--out-dir", str(folder)]
     if not (folder / "meta.json").exists():
         if not args.make_data:
-            sys.exit(f"error: {folder}/meta.json not found: run `python "
-                     f"{' '.join(command[1:])}` first (or add --make-data)")
-        subprocess.run(command, check=True)
-    stats = load_numbered("stage2_ctr/02_dataloader.py", "criteo_loader").fit_stats(
-        [folder / "train.txt"])
+            sys.exit(f"error: {folder}/meta.json not found: run `python stage2_ctr/"
+                     f"01_make_subset.py --synthetic {args.rows} --ctr {args.ctr} --out-dir "
+                     f"{folder}` first (or add --make-data)")
+        synthetic.make_synthetic(synthetic.SyntheticConfig(rows=args.rows, ctr=args.ctr), folder)
+    stats = criteo.fit_stats([folder / "train.txt"])
     data = {s: load_criteo(folder / f"{s}.txt", 1, 18, stats) for s in ["train", "val", "test"]}
     oracle_auc = json.loads((folder / "meta.json").read_text())["splits"]["test"]["oracle_auc"]
-    return data, oracle_auc[0], lambda: CTRInputs(build_model("dnn", 2 ** 18, emb_dim=8,
-                                                              mlp=(256, 128), sparse=True))
+    return data, oracle_auc[0], lambda: CTRInputs(build_model("dnn", criteo_schema(18),
+                                                              emb_dim=8, mlp=(256, 128),
+                                                              sparse=True))
 
 
 # ------------------------------------------------------------------------------- calibration

@@ -24,24 +24,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage3_common import (POSITIVE_INT, ROOT, checked, n_params, pyplot,  # noqa: E402
-                           quick_or_results, save_figure, write_json, write_text)
-from models import MODELS, build_model  # noqa: E402
-from models.layers import N_DENSE, N_SPARSE  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import common  # noqa: E402
+from common import (checked, positive_int, pyplot, quick_or_results, save_figure,  # noqa: E402
+                    write_json, write_text)
+from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
+from stage2_ctr.models.mtl import n_params  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--batch-sizes", type=POSITIVE_INT, nargs="+",
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+",
                    default=[1, 8, 64, 512, 4096, 32768])
-    p.add_argument("--threads", type=POSITIVE_INT, nargs="+", default=[1, 2],
+    p.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2],
                    help="torch CPU thread counts to compare (CPU only)")
     p.add_argument("--calls", type=checked(int, lambda v: v >= 200, ">= 200"), default=200,
                    help="timed calls per figure (>= 200, after --warmup calls)")
-    p.add_argument("--warmup", type=POSITIVE_INT, default=10)
+    p.add_argument("--warmup", type=positive_int, default=10)
     p.add_argument("--emb-dim", type=int, default=8)
     p.add_argument("--hash-bits", type=int, default=20)
     p.add_argument("--mlp", default="256,128",
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None,
                    help="default results/stage3_latency.md; with --quick runs/quick/ (the "
                         "committed table stays)")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the JSON goes")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = str(quick_or_results(args.quick) / "stage3_latency.md")
@@ -70,8 +71,9 @@ def parse_args(argv=None):
 
 def random_batch(batch, hash_bits, device, seed=0):
     g = torch.Generator().manual_seed(seed)
-    dense = torch.randn(batch, N_DENSE, generator=g)
-    sparse = torch.randint(0, 2 ** hash_bits, (batch, N_SPARSE), generator=g)
+    schema = criteo_schema(hash_bits)
+    dense = torch.randn(batch, schema.n_dense, generator=g)
+    sparse = torch.randint(0, schema.n_buckets, (batch, schema.n_sparse), generator=g)
     return dense.to(device), sparse.to(device)
 
 
@@ -106,7 +108,7 @@ def measure(args, device):
         torch.set_num_threads(threads)
         if name not in models:
             torch.manual_seed(0)
-            model = build_model(name, 2 ** args.hash_bits, emb_dim=args.emb_dim,
+            model = build_model(name, criteo_schema(args.hash_bits), emb_dim=args.emb_dim,
                                 mlp=args.mlp_sizes).to(device).eval()
             models[name] = (torch.compile(model) if args.compile else model, n_params(model))
         model, params = models[name]

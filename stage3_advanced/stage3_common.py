@@ -1,33 +1,31 @@
-"""What the Stage 3 scripts share: reading Stage 1 / Stage 2 artefacts (with the line that says
-which script to run first when one is missing), the Adult input encoder, one small training loop
-for in-memory data, the metrics (AUC, log loss, expected calibration error) and atomic writes.
+"""What the Stage 3 chapters share: reading Stage 1 / Stage 2 artefacts (with the line that says
+which script to run first when one is missing), the Adult input encoder, and one small training
+loop for in-memory data (fit), whose optimizers follow Stage 2's rule (training.make_optimizers).
 
-The models themselves live in stage2_ctr/models/ (layers.py + mtl.py): one home for layers.
+The models themselves live in stage2_ctr/models/ (layers.py + mtl.py): one home for layers;
+the helpers every stage uses (atomic writes, metrics, mean ± std) in common.py.
 """
-import argparse
 import copy
-import importlib.util
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from sklearn.metrics import log_loss, roc_auc_score
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import common  # noqa: E402
+from stage2_ctr import criteo  # noqa: E402
+from stage2_ctr.models.mtl import build_mtl  # noqa: E402
+from stage2_ctr.training import make_optimizers  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = ROOT / "results"
-ADULT_NPZ = ROOT / "stage1_adult" / "adult_stage1.npz"
-sys.path.insert(0, str(ROOT / "stage2_ctr"))
-from models.mtl import build_mtl, n_params  # noqa: E402
-from models.optim import RowSparseAdam  # noqa: E402
+ADULT_NPZ = common.ROOT / "stage1_adult" / "adult_stage1.npz"
 
 
 class MissingArtefact(SystemExit):
@@ -37,106 +35,11 @@ class MissingArtefact(SystemExit):
         super().__init__(f"error: {path} not found: run `{command}` first")
 
 
-# ------------------------------------------------------------------------------ small helpers
 def setup(threads, seed=None):
     torch.set_num_threads(threads)
     if seed is not None:
         torch.manual_seed(seed)
         np.random.seed(seed)
-
-
-def atomic_write(path, write_fn):
-    """write_fn(tmp_path) writes the file; it appears under `path` only once complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_text(path, text):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def checked(kind, ok, rule):
-    """An argparse type: kind(text), rejected with `must be <rule>` unless ok(value)."""
-    def parse(text):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
-        return value
-    return parse
-
-
-POSITIVE_INT = checked(int, lambda v: v >= 1, ">= 1")
-NON_NEGATIVE_INT = checked(int, lambda v: v >= 0, ">= 0")
-CORRELATION = checked(float, lambda v: -1 <= v <= 1, "a correlation (cosine) in [-1, 1]")
-
-
-def quick_or_results(quick):
-    """Where a result table goes: results/ (committed, shown by the README) for full runs,
-    runs/quick/ for --quick runs, so `make demo` never overwrites a measured table."""
-    return ROOT / "runs" / "quick" if quick else RESULTS
-
-
-def mean_std(values, digits=4):
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
-
-
-def load_numbered(relpath, name):
-    """Import a numbered script of another stage (its name starts with a digit) by path."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-# ----------------------------------------------------------------------------------- metrics
-def expected_calibration_error(y, p, n_bins=15):
-    """ECE: bin predictions into equal-width probability bins, then sum over bins of
-    (bin share of rows) * |mean label - mean prediction|. 0 = perfectly calibrated."""
-    edges = np.linspace(0, 1, n_bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
-    count = np.bincount(which, minlength=n_bins)
-    pos = np.bincount(which, weights=y, minlength=n_bins)
-    conf = np.bincount(which, weights=p, minlength=n_bins)
-    seen = count > 0
-    return float(np.sum(np.abs(pos[seen] - conf[seen])) / len(y))
-
-
-def binary_metrics(y, p):
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(y, dtype=np.float64)
-    return {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p, labels=[0, 1])),
-            "ece": expected_calibration_error(y, p), "mean_pred": float(p.mean()),
-            "pos_rate": float(y.mean())}
 
 
 # -------------------------------------------------------------------------------- Stage 1 data
@@ -201,8 +104,7 @@ def load_criteo(path, n_labels=1, hash_bits=18, stats=None):
     """A whole Criteo-format file through Stage 2's streaming loader, kept in memory as
     ({"dense", "sparse"}, labels (N, T)) - fine for the few hundred MB these experiments use."""
     path = Path(path)
-    loader = load_numbered("stage2_ctr/02_dataloader.py", "criteo_loader")
-    stream = loader.CriteoStream([path], 1 << 16, hash_bits, dense_stats=stats,
+    stream = criteo.CriteoStream([path], 1 << 16, hash_bits, dense_stats=stats,
                                  n_labels=n_labels, verbose=False)
     parts = list(stream)
     dense, sparse, label = (torch.cat(p) for p in zip(*parts))
@@ -256,18 +158,6 @@ def auc_per_task(model, split):
     return [float(roc_auc_score(y[:, t].numpy(), p[:, t])) for t in range(y.shape[1])]
 
 
-def make_optimizers(model, lr, weight_decay):
-    """AdamW for dense parameters; RowSparseAdam (Stage 2's models/optim.py: SparseAdam's update,
-    faster) for embedding tables built with sparse=True: a step touches only the batch's rows."""
-    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
-    ids = {id(t) for t in tables}
-    opts = [torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=lr,
-                              weight_decay=weight_decay)]
-    if tables:
-        opts.append(RowSparseAdam(tables, lr=lr))
-    return opts
-
-
 def fit(model, train, val, loss_fn, lr=1e-3, weight_decay=0.0, batch_size=256, epochs=20,
         patience=3, seed=0, task_weights=None, desc="train", quiet=False, max_seconds=None):
     """Minibatch training on in-memory tensors; after each epoch the mean validation AUC over
@@ -279,7 +169,8 @@ def fit(model, train, val, loss_fn, lr=1e-3, weight_decay=0.0, batch_size=256, e
     best, history, samples, t_train = (-1.0, 0, None), [], 0, 0.0
     bar = tqdm(range(epochs), desc=desc, disable=quiet, leave=False)
     for epoch in bar:
-        t0, loss_sum, n = time.perf_counter(), 0.0, 0
+        t0, n = time.perf_counter(), 0
+        loss_sum = torch.zeros((), dtype=torch.float64)  # summed as a tensor: no sync per step
         for x, y in batches(*train, batch_size, gen):
             loss = (loss_fn(model(x), y).mean(0) * w).sum()
             for o in opts:
@@ -287,8 +178,10 @@ def fit(model, train, val, loss_fn, lr=1e-3, weight_decay=0.0, batch_size=256, e
             loss.backward()
             for o in opts:
                 o.step()
-            loss_sum, n, samples = loss_sum + loss.item(), n + 1, samples + len(y)
+            loss_sum += loss.detach()
+            n, samples = n + 1, samples + len(y)
         t_train += time.perf_counter() - t0
+        loss_sum = loss_sum.item()
         aucs = auc_per_task(model, val)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "val_auc": aucs})
         bar.set_postfix(loss=f"{loss_sum / n:.4f}", val_auc=" ".join(f"{a:.4f}" for a in aucs))

@@ -1,5 +1,9 @@
-"""Shared test helpers: load numbered scripts by path, and tiny Adult files made from the real
-ones (a few hundred rows, with both dialects' quirks kept)."""
+"""Shared test helpers: load a numbered chapter by path, and tiny Adult files made from the real
+ones (a few hundred rows, with both dialects' quirks kept).
+
+load_script is the project's one import by path: a chapter's file name starts with a digit, so
+`import` cannot name it, and the tests call its main() in-process. Everything a chapter shares
+with others lives in plain modules (common.py, stage2_ctr/criteo.py, ...) imported normally."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -8,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ADULT = ROOT / "stage1_adult" / "data"
-sys.path.insert(0, str(ROOT / "stage1_adult"))
+sys.path.insert(0, str(ROOT))  # the repo root: `import common`, `from stage2_ctr import ...`
 
 
 def load_script(relpath):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_script, write_tiny_adult
 
-import adult_data
+from stage1_adult import adult_data
 
 ROW = ("39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, "
        "White, Male, 2174, 0, 40, United-States, <=50K")

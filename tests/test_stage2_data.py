@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
+from stage2_ctr import criteo, synthetic
+
 make = load_script("stage2_ctr/01_make_subset.py")
-loader = load_script("stage2_ctr/02_dataloader.py")
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +25,22 @@ def synth(tmp_path_factory):
 
 
 def read_all(paths, **kw):
-    stream = loader.CriteoStream(paths, batch_size=kw.pop("batch_size", 512), **kw)
+    stream = criteo.CriteoStream(paths, batch_size=kw.pop("batch_size", 512), **kw)
     batches = list(stream)
     dense, sparse, label = (torch.cat(x) for x in zip(*batches))
     return dense, sparse, label, stream
 
 
 def parse_bytes(data, n_labels=1):
-    return loader.parse_block(np.frombuffer(data + b"\0" * 8, np.uint8), n_labels)
+    return criteo.parse_block(np.frombuffer(data + b"\0" * 8, np.uint8), n_labels)
 
 
 def test_round_trip_parses_back_the_generators_values():
-    gen = make.Generator(make.parse_args(["--synthetic", "10", "--workers", "1"]))
+    gen = synthetic.Generator(synthetic.SyntheticConfig(rows=10, workers=1))
     c = gen.chunk(0, 3000)
     c["dense"][::7, 4] = np.arange(0, 3000, 7) * 33_333_333  # up to 11 digits
     c["dense"][::11, 5] = -np.arange(0, 3000, 11) % 1000      # negatives, as for I2
-    data = make.format_rows(c["labels"], c["dense"], c["dense_missing"], c["hex_words"],
+    data = synthetic.format_rows(c["labels"], c["dense"], c["dense_missing"], c["hex_words"],
                             c["ranks"] < 0)
     p = parse_bytes(data)
     assert p["n_bad"] == 0 and len(p["hashes"]) == 3000
@@ -50,7 +51,7 @@ def test_round_trip_parses_back_the_generators_values():
     for f in [0, 7, 25]:
         text = [w.tobytes().decode() if r >= 0 else ""
                 for w, r in zip(c["hex_words"][:, f], c["ranks"][:, f])]
-        assert np.array_equal(p["hashes"][:, f], loader.hash_strings(f, text))
+        assert np.array_equal(p["hashes"][:, f], criteo.hash_strings(f, text))
 
 
 def test_plain_and_gzip_give_identical_batches(synth):
@@ -65,21 +66,20 @@ def test_plain_and_gzip_give_identical_batches(synth):
 
 
 def test_hash_is_stable_across_processes_and_salted_by_field():
-    code = ("import sys; sys.path.insert(0, 'tests'); from conftest import load_script; "
-            "m = load_script('stage2_ctr/02_dataloader.py'); "
-            "print(m.hash_strings(3, ['68fd1e64', 'hello world, a long value']).tolist())")
+    code = ("import sys; sys.path.insert(0, '.'); from stage2_ctr.criteo import hash_strings; "
+            "print(hash_strings(3, ['68fd1e64', 'hello world, a long value']).tolist())")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=ROOT, env={"PYTHONHASHSEED": str(seed), "PATH": ""})
             for seed in (1, 2)]
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
-    here = loader.hash_strings(3, ["68fd1e64", "hello world, a long value"]).tolist()
+    here = criteo.hash_strings(3, ["68fd1e64", "hello world, a long value"]).tolist()
     assert str(here) == runs[0].stdout.strip()
-    assert loader.hash_strings(4, ["68fd1e64"])[0] != here[0]  # another field, another bucket
+    assert criteo.hash_strings(4, ["68fd1e64"])[0] != here[0]  # another field, another bucket
     # the vectorized parser agrees with the reference for any string, short or long
     row = "1\t" + "\t" * 13 + "\t".join(["68fd1e64", "hello world, a long value"] + [""] * 24)
     p = parse_bytes((row + "\n").encode())
-    assert p["hashes"][0, 0] == loader.hash_strings(0, ["68fd1e64"])[0]
-    assert p["hashes"][0, 1] == loader.hash_strings(1, ["hello world, a long value"])[0]
+    assert p["hashes"][0, 0] == criteo.hash_strings(0, ["68fd1e64"])[0]
+    assert p["hashes"][0, 1] == criteo.hash_strings(1, ["hello world, a long value"])[0]
 
 
 def test_missing_values_get_their_own_bucket_per_field():
@@ -87,9 +87,9 @@ def test_missing_values_get_their_own_bucket_per_field():
     p = parse_bytes(row.encode())
     assert np.isnan(p["dense_raw"]).all()  # an all-empty row is valid
     assert p["n_bad"] == 0
-    empty = np.array([loader.hash_strings(f, [""])[0] for f in range(26)])
+    empty = np.array([criteo.hash_strings(f, [""])[0] for f in range(26)])
     assert (p["hashes"][0] == empty).all() and len(set(empty.tolist())) == 26
-    dense = loader.transform_dense(p["dense_raw"])
+    dense = criteo.transform_dense(p["dense_raw"])
     assert (dense == 0).all()
 
 
@@ -99,7 +99,7 @@ def test_negatives_huge_integers_and_non_hex_values_are_read():
     p = parse_bytes(row.encode())
     assert p["n_bad"] == 0
     assert p["dense_raw"][0, :7].tolist() == [-3, -1, 0, 7, 123456789012345, 99999999, 1e8]
-    dense = loader.transform_dense(p["dense_raw"])
+    dense = criteo.transform_dense(p["dense_raw"])
     assert dense[0, 0] == 0 and dense[0, 1] == 0  # negatives clipped to 0 before log1p
     assert np.isclose(dense[0, 3], np.log1p(7))
 
@@ -116,7 +116,7 @@ def test_bad_rows_are_skipped_counted_and_reported(tmp_path, synth):
     assert stream.stats["bad_rows"] == 3 and stream.stats["rows"] == 997 == len(label)
     first_bad = stream.stats["files"][str(path)]["first_bad"]
     assert [b.split(":")[0] for b in first_bad] == ["line 11", "line 21", "line 31"]
-    with pytest.raises(loader.CriteoFormatError, match=r"bad.txt: 3 of 1000 rows malformed.*"
+    with pytest.raises(criteo.CriteoFormatError, match=r"bad.txt: 3 of 1000 rows malformed.*"
                                                        r"line 11: expected 40 fields, got 39"):
         read_all([path], max_bad_fraction=0.001)
 
@@ -129,9 +129,9 @@ def test_bad_files_get_one_clear_line(tmp_path, synth):
     for path, message in [(tmp_path / "none.txt", "file not found"),
                           (tmp_path, "is a directory"),
                           (tmp_path / "empty.txt", "file is empty")]:
-        with pytest.raises(loader.CriteoFormatError, match=message):
-            loader.CriteoStream([path], 64)
-    with pytest.raises(loader.CriteoFormatError, match=r"cut.txt.gz: truncated or corrupt gzip"):
+        with pytest.raises(criteo.CriteoFormatError, match=message):
+            criteo.CriteoStream([path], 64)
+    with pytest.raises(criteo.CriteoFormatError, match=r"cut.txt.gz: truncated or corrupt gzip"):
         read_all([tmp_path / "cut.txt.gz"])
     result = subprocess.run([sys.executable, "stage2_ctr/02_dataloader.py",
                              str(tmp_path / "none.txt")], capture_output=True, text=True, cwd=ROOT)
@@ -142,7 +142,7 @@ def test_bad_files_get_one_clear_line(tmp_path, synth):
 def test_no_label_files_have_39_columns(tmp_path, synth):
     out, _ = synth
     lines = open(out / "test.txt").read().splitlines()
-    (tmp_path / "kaggle_test.txt").write_text("\n".join(l.split("\t", 1)[1] for l in lines) + "\n")
+    (tmp_path / "kaggle_test.txt").write_text("\n".join(x.split("\t", 1)[1] for x in lines) + "\n")
     dense, sparse, label, stream = read_all([tmp_path / "kaggle_test.txt"], n_labels=0)
     ref = read_all([out / "test.txt"])
     assert torch.equal(sparse, ref[1]) and torch.equal(dense, ref[0])
@@ -153,9 +153,9 @@ def test_no_label_files_have_39_columns(tmp_path, synth):
 def test_shards_cover_every_row_exactly_once(synth, name):
     out, _ = synth
     path = out / name
-    whole = b"".join(raw for _, _, raw in loader.iter_blocks(path, 1 << 12))
+    whole = b"".join(raw for _, _, raw in criteo.iter_blocks(path, 1 << 12))
     for n_shards in [2, 3, 4]:  # 2 workers x 2 ranks = 4 shards
-        parts = [b"".join(raw for _, _, raw in loader.iter_blocks(path, 1 << 12, k, n_shards))
+        parts = [b"".join(raw for _, _, raw in criteo.iter_blocks(path, 1 << 12, k, n_shards))
                  for k in range(n_shards)]
         assert sorted(b"".join(parts).splitlines()) == sorted(whole.splitlines())
         assert all(parts)  # every shard got a share
@@ -163,7 +163,7 @@ def test_shards_cover_every_row_exactly_once(synth, name):
 
 def test_dataloader_workers_read_disjoint_shares(synth):
     out, _ = synth
-    stream = loader.CriteoStream([out / "train.txt"], 256, chunk_bytes=1 << 14)
+    stream = criteo.CriteoStream([out / "train.txt"], 256, chunk_bytes=1 << 14)
     single = torch.cat([s for _, s, _ in stream])
     multi = torch.cat([s for _, s, _ in torch.utils.data.DataLoader(stream, batch_size=None,
                                                                     num_workers=2)])
@@ -244,7 +244,7 @@ def test_make_subset_without_input_says_what_to_download(capsys):
 
 def test_fit_stats_standardizes_and_collisions_are_reported(synth):
     out, _ = synth
-    stats = loader.fit_stats([out / "train.txt"])
+    stats = criteo.fit_stats([out / "train.txt"])
     dense = read_all([out / "train.txt"], dense_stats=stats, missing_indicator=True)[0]
     assert dense.shape[1] == 26
     for j in range(13):
@@ -252,10 +252,10 @@ def test_fit_stats_standardizes_and_collisions_are_reported(synth):
         assert abs(dense[present, j].mean().item()) < 1e-3
         assert abs(dense[present, j].std().item() - 1) < 1e-2
         assert (dense[~present, j] == 0).all()
-    report = loader.collision_report([out / "train.txt"], hash_bits=8)
+    report = criteo.collision_report([out / "train.txt"], hash_bits=8)
     assert report["distinct_buckets"] <= 256 < report["distinct_values"]
     assert 0 < report["values_sharing_a_bucket"] < 1
-    big = loader.collision_report([out / "train.txt"], hash_bits=30)
+    big = criteo.collision_report([out / "train.txt"], hash_bits=30)
     assert big["values_sharing_a_bucket"] < 0.001
 
 
@@ -263,11 +263,11 @@ def test_make_subset_missing_input_is_one_line(tmp_path):
     for extra in ([], ["--split", "time"]):
         with pytest.raises(SystemExit) as e:
             make.main(["--input", str(tmp_path / "none.txt"), "--out-dir", str(tmp_path)] + extra)
-        assert "none.txt: not found" in str(e.value) and "\n" not in str(e.value)
+        assert "none.txt: file not found" in str(e.value) and "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------- the binary cache
-cache = load_script("stage2_ctr/05_binary_cache.py")
+cache = load_script("stage2_ctr/05_binary_cache.py")  # the chapter; the code is in criteo.py
 
 
 def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):
@@ -276,7 +276,7 @@ def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):
     meta = cache.main([str(out / "train.txt"), "--out", str(folder), "--workers", "0"])
     dense, sparse, label, _ = read_all([out / "train.txt"])
     assert meta["rows"] == len(label) and not list(tmp_path.glob("*.tmp"))
-    batches = list(cache.BinaryStream(folder, 512))
+    batches = list(criteo.BinaryStream(folder, 512))
     assert len(batches[0][0]) == 512 and batches[0][1].dtype == torch.int64
     b_dense, b_sparse, b_label = (torch.cat(x) for x in zip(*batches))
     assert torch.equal(b_dense, dense) and torch.equal(b_sparse, sparse)
@@ -286,12 +286,12 @@ def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):
 def test_binary_cache_workers_share_the_batches_and_shuffle_keeps_every_row(synth, tmp_path):
     out, _ = synth
     folder = tmp_path / "train.bin"
-    cache.write_cache([out / "train.txt"], folder, workers=2, progress=False)
-    whole = torch.cat([s for _, s, _ in cache.BinaryStream(folder, 300)])
-    dl = torch.utils.data.DataLoader(cache.BinaryStream(folder, 300, group=2), batch_size=None,
+    criteo.write_cache([out / "train.txt"], folder, workers=2, progress=False)
+    whole = torch.cat([s for _, s, _ in criteo.BinaryStream(folder, 300)])
+    dl = torch.utils.data.DataLoader(criteo.BinaryStream(folder, 300, group=2), batch_size=None,
                                      num_workers=2)
     shared = torch.cat([s for _, s, _ in dl])
-    shuffled = cache.BinaryStream(folder, 300, shuffle=True, group=1)
+    shuffled = criteo.BinaryStream(folder, 300, shuffle=True, group=1)
     shuffled.set_epoch(1)
     mixed = torch.cat([s for _, s, _ in shuffled])
     key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
@@ -303,11 +303,11 @@ def test_binary_cache_bad_input_is_one_line(tmp_path, synth):
     with pytest.raises(SystemExit, match="not a binary cache"):
         cache.main(["--read", str(tmp_path / "nothing")])
     folder = tmp_path / "c.bin"
-    cache.write_cache([synth[0] / "val.txt"], folder, workers=0, progress=False)
+    criteo.write_cache([synth[0] / "val.txt"], folder, workers=0, progress=False)
     with open(folder / "sparse.bin", "r+b") as f:  # a cut-off file
         f.truncate(100)
     with pytest.raises(ValueError, match="sparse.bin: expected"):
-        cache.BinaryStream(folder, 64)
+        criteo.BinaryStream(folder, 64)
     with pytest.raises(SystemExit):
         cache.parse_args(["x.txt", "--out", "y", "--hash-bits", "32"])
     with pytest.raises(SystemExit, match="no such statistics file"):

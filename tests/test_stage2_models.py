@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-sys.path.insert(0, str(ROOT / "stage2_ctr"))
-from models import MODELS, build_model  # noqa: E402
-from models.layers import CrossLayerV1, CrossLayerV2, fm_interaction  # noqa: E402
-from models.optim import RowSparseAdam, distinct_rows  # noqa: E402
+from stage2_ctr import train_ctr
+from stage2_ctr.models import MODELS, build_model
+from stage2_ctr.models.layers import CrossLayerV1, CrossLayerV2, fm_interaction
+from stage2_ctr.models.optim import RowSparseAdam, distinct_rows
+from stage2_ctr.training import make_optimizers
 
 make = load_script("stage2_ctr/01_make_subset.py")
-train_ctr = load_script("stage2_ctr/train_ctr.py")
 
 
 def test_fm_identity_equals_the_explicit_pairwise_sum():
@@ -74,7 +74,7 @@ def test_sparse_gradients_touch_only_the_rows_used():
     touched = set(grad.coalesce().indices()[0].tolist())
     assert touched == set(sparse.flatten().tolist())
     before = model.embedding.table.weight.detach().clone()
-    opts = train_ctr.make_optimizers(model, train_ctr.parse_args([]), sparse=True)
+    opts = make_optimizers(model, 1e-3)
     for o in opts:
         o.step()
     changed = (model.embedding.table.weight != before).any(1).nonzero().flatten().tolist()
@@ -142,7 +142,7 @@ def ctr_argv(data, tmp_path, *extra):
 
 @pytest.mark.parametrize("model", ["lr", "fm", "dnn", "deepfm", "dcn", "dcnv2"])
 def test_train_ctr_end_to_end(ctr_data, tmp_path, model):
-    m = train_ctr.run(ctr_argv(ctr_data, tmp_path, "--model", model, "--run-name", "r",
+    m = train_ctr.main(ctr_argv(ctr_data, tmp_path, "--model", model, "--run-name", "r",
                                "--epochs", "3", "--lr", "0.01", "--patience", "3"))
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["splits"]["test"]["rows"] == len(open(ctr_data / "test.txt").readlines())
@@ -155,14 +155,14 @@ def test_train_ctr_end_to_end(ctr_data, tmp_path, model):
 def test_resume_reproduces_an_uninterrupted_run(ctr_data, tmp_path):
     base = ctr_argv(ctr_data, tmp_path, "--model", "deepfm", "--epochs", "2", "--dropout",
                     "0.1", "--ckpt-every", "5", "--shuffle-buffer", "1000")
-    full = train_ctr.run(base + ["--run-name", "full"])
+    full = train_ctr.main(base + ["--run-name", "full"])
     # "kill" after 12 steps: run with --max-steps 12, then resume to the end
-    train_ctr.run(base + ["--run-name", "cut", "--max-steps", "12", "--patience", "99"])
+    train_ctr.main(base + ["--run-name", "cut", "--max-steps", "12", "--patience", "99"])
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["steps"] == 12
     (tmp_path / "cut" / "best.pt").unlink()
     ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert ckpt["state"]["step"] == 10  # the last checkpoint before the kill
-    resumed = train_ctr.run(base + ["--run-name", "cut", "--resume"])
+    resumed = train_ctr.main(base + ["--run-name", "cut", "--resume"])
     assert resumed["steps"] == full["steps"]
     assert resumed["splits"]["test"]["auc"] == pytest.approx(full["splits"]["test"]["auc"],
                                                              abs=1e-6)
@@ -172,7 +172,7 @@ def test_two_process_ddp_matches_single_process(ctr_data, tmp_path):
     # same global batch (2 ranks x 256 = 512) and steps; the ranks read disjoint halves
     argv = ctr_argv(ctr_data, tmp_path, "--model", "lr", "--epochs", "6", "--lr", "0.02",
                     "--patience", "6")
-    single = train_ctr.run(argv + ["--run-name", "single", "--batch-size", "512"])
+    single = train_ctr.main(argv + ["--run-name", "single", "--batch-size", "512"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                              "2", "--master_port", "29517", str(ROOT / "stage2_ctr/train_ctr.py"),
@@ -188,10 +188,10 @@ def test_two_process_ddp_matches_single_process(ctr_data, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "xgboost"], "invalid choice"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--hash-bits", "64"], "--hash-bits must be in"),
-    (["--mlp", "4OO"], "--mlp is a comma-separated"),
-    (["--dropout", "1.5"], "--dropout in [0, 1)"),
+    (["--batch-size", "0"], "--batch-size: must be an integer >= 1, got '0'"),
+    (["--hash-bits", "64"], "--hash-bits: must be in [1, 30]"),
+    (["--mlp", "4OO"], "--mlp: must be comma-separated layer sizes"),
+    (["--dropout", "1.5"], "--dropout: must be a probability in [0, 1)"),
 ])
 def test_bad_flags_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -201,7 +201,7 @@ def test_bad_flags_are_argparse_errors(argv, message, capsys):
 
 def test_missing_data_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
-        train_ctr.run(["--train", str(tmp_path / "none.txt"), "--runs-dir", str(tmp_path),
+        train_ctr.main(["--train", str(tmp_path / "none.txt"), "--runs-dir", str(tmp_path),
                        "--quiet"])
     assert "none.txt" in str(e.value) and "01_make_subset.py" in str(e.value)
 
@@ -239,17 +239,20 @@ def test_order_check_names_the_pairs_that_fail():
 
 def test_throughput_bench_runs_ours(tmp_path):
     load_script("stage2_ctr/04_bench_throughput.py").main(
-        ["--skip-others", "--rows", "8192", "--repeats", "1", "--batch-sizes", "4096",
-         "--threads", "1", "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path)])
+        ["--parts", "train", "--skip-others", "--rows", "8192", "--repeats", "1",
+         "--batch-sizes", "4096", "--threads", "1", "--out-dir", str(tmp_path),
+         "--runs-dir", str(tmp_path)])
     table = (tmp_path / "stage2_throughput.md").read_text()
     assert "| ours |" in table and "torch SparseAdam" in table and "dense table" in table
-    assert "sgemm peak" in table
+    assert "matmul peak" in table
 
 
 def test_loader_bench_compares_with_pandas_in_the_same_run(ctr_data, tmp_path):
-    metrics = load_script("stage2_ctr/02_dataloader.py").main(
-        ["--bench", str(ctr_data / "train.txt"), "--repeats", "1", "--runs-dir", str(tmp_path)])
-    assert {"pandas", "loader workers=0", "loader workers=2 group=8"} <= set(metrics["results"])
-    rows = {r["rows"] for r in metrics["results"].values()}
+    results = load_script("stage2_ctr/04_bench_throughput.py").main(
+        ["--parts", "loader", "--file", str(ctr_data / "train.txt"), "--loader-repeats", "1",
+         "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path)])["loader"]
+    assert {"pandas", "loader workers=0", "loader workers=2 group=8"} <= set(results)
+    rows = {r["rows"] for r in results.values()}
     assert rows == {len(open(ctr_data / "train.txt").readlines())}  # every reader read it all
     assert (tmp_path / "bench_loader" / "metrics.json").exists()
+    assert "vs pandas" in (tmp_path / "stage2_loader.md").read_text()

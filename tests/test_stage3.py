@@ -1,18 +1,16 @@
 """Stage 3: the multi-task blocks against their definitions, the focal loss against its formula,
 the correlation generator, calibration error, bad flags, and every script's --quick mode end to
 end on tiny data (each must write its result table and plot)."""
-import sys
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, load_script
 
-sys.path.insert(0, str(ROOT / "stage2_ctr"))
-sys.path.insert(0, str(ROOT / "stage3_advanced"))
-from models.mtl import MMoE, PLE, build_mtl, n_params, width_for_budget  # noqa: E402
-from stage3_common import expected_calibration_error  # noqa: E402
+from common import expected_calibration_error
+from stage2_ctr.models import build_model
+from stage2_ctr.models.mtl import MMoE, PLE, build_mtl, n_params, width_for_budget
+from stage2_ctr.training import make_optimizers, make_step
 
 corr = load_script("stage3_advanced/02_task_correlation.py")
 imbalance = load_script("stage3_advanced/04_imbalance.py")
@@ -145,10 +143,9 @@ def test_missing_ctr_data_names_the_command_to_run(tmp_path):
 
 
 def test_micro_batched_step_makes_the_one_pass_update():
-    """05's gradient accumulation: slices of 64 rows, one optimizer step, the same parameters
-    as one pass over the 256 rows (FM: no BatchNorm, whose statistics would differ)."""
-    throughput = load_script("stage3_advanced/05_throughput.py")
-    from models import build_model
+    """training.make_step's gradient accumulation (used by 05 for large batches): slices of 64
+    rows, one optimizer step, the same parameters as one pass over the 256 rows (FM: no
+    BatchNorm, whose statistics would differ)."""
     g = torch.Generator().manual_seed(0)
     dense = torch.randn(256, 13, generator=g)
     sparse = torch.randint(0, 64, (256, 26), generator=g)  # ids repeat across the slices
@@ -158,7 +155,7 @@ def test_micro_batched_step_makes_the_one_pass_update():
         torch.manual_seed(0)
         model = build_model("fm", 64, emb_dim=4, sparse=True)
         initial = [t.detach().clone() for t in model.parameters()]
-        step = throughput.make_step(model, torch.device("cpu"), micro)
+        step = make_step(model, make_optimizers(model, 1e-3), micro)
         for _ in range(2):
             step(dense, sparse, label)
         params.append([t.detach().clone() for t in model.parameters()])

@@ -4,15 +4,15 @@ cross_version=1: DCN (Wang et al. 2017); cross_version=2: DCN-v2 (Wang et al. 20
 import torch
 import torch.nn as nn
 
-from .layers import N_FIELDS, MLP, CrossNetwork, FeatureEmbedding
+from .layers import MLP, CrossNetwork, FeatureEmbedding
 
 
 class DCN(nn.Module):
-    def __init__(self, n_buckets, emb_dim=16, mlp=(400, 400, 400), dropout=0.0, cross_layers=3,
-                 cross_version=1, sparse=False, **_):
+    def __init__(self, schema, emb_dim=16, mlp=(400, 400, 400), dropout=0.0, cross_layers=3,
+                 cross_version=1, sparse=False):
         super().__init__()
-        dim = N_FIELDS * emb_dim
-        self.embedding = FeatureEmbedding(n_buckets, emb_dim, sparse)
+        dim = schema.n_fields * emb_dim
+        self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
         self.cross = CrossNetwork(dim, cross_layers, cross_version)
         self.mlp = MLP(dim, mlp, dropout, out_dim=None)
         self.head = nn.Linear(dim + self.mlp.out_dim, 1)

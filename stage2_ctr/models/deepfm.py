@@ -2,16 +2,15 @@
 order), the FM and the MLP reading the SAME field embeddings."""
 import torch.nn as nn
 
-from .layers import N_FIELDS, MLP, FeatureEmbedding, FeatureLinear, fm_interaction
+from .layers import MLP, FeatureEmbedding, FeatureLinear, fm_interaction
 
 
 class DeepFM(nn.Module):
-    def __init__(self, n_buckets, emb_dim=16, mlp=(400, 400, 400), dropout=0.0, sparse=False,
-                 **_):
+    def __init__(self, schema, emb_dim=16, mlp=(400, 400, 400), dropout=0.0, sparse=False):
         super().__init__()
-        self.linear = FeatureLinear(n_buckets, sparse)
-        self.embedding = FeatureEmbedding(n_buckets, emb_dim, sparse)
-        self.mlp = MLP(N_FIELDS * emb_dim, mlp, dropout)
+        self.linear = FeatureLinear(schema, sparse)
+        self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
+        self.mlp = MLP(schema.n_fields * emb_dim, mlp, dropout)
 
     def forward(self, dense, sparse):
         emb = self.embedding(dense, sparse)

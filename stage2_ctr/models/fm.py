@@ -6,10 +6,10 @@ from .layers import FeatureEmbedding, FeatureLinear, fm_interaction
 
 
 class FM(nn.Module):
-    def __init__(self, n_buckets, emb_dim=16, sparse=False, **_):
+    def __init__(self, schema, emb_dim=16, sparse=False):
         super().__init__()
-        self.linear = FeatureLinear(n_buckets, sparse)
-        self.embedding = FeatureEmbedding(n_buckets, emb_dim, sparse)
+        self.linear = FeatureLinear(schema, sparse)
+        self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
 
     def forward(self, dense, sparse):
         return self.linear(dense, sparse) + fm_interaction(self.embedding(dense, sparse))

@@ -1,52 +1,114 @@
 """The building blocks of every CTR model in this project, each written once.
 
-Inputs of every model: dense (B, 13) float32 and sparse (B, 26) int64 hashed ids in
-[0, 2^hash_bits) - what stage2_ctr/02_dataloader.py yields. Every model returns logits (B,);
-the loss (BCEWithLogitsLoss) lives in the trainer.
+Inputs of every model: dense (B, n_dense) float32 and sparse (B, n_sparse + slots of the bags)
+int64 ids into ONE shared table - what stage2_ctr/criteo.py yields for Criteo (13 dense, 26
+hashed sparse fields) and stage2_ctr/movielens.py for MovieLens (no dense, 7 id fields and one
+bag of up to 6 genres). FieldSchema says which layout a model is built for. Every model returns
+logits (B,); the loss (BCEWithLogitsLoss) lives in the trainer.
 
-Field embeddings: the 26 sparse fields share ONE table of 2^hash_bits rows (the loader already
-salted the hash with the field, so field i's value and field j's value land in different rows).
-The 13 dense fields enter as scaled per-field embeddings e_i = v_i * x_i (x_i the standardized
-log1p count), so every field - dense or sparse - is one k-dim vector, and FM / cross layers
-treat them alike. Every model uses the same FeatureEmbedding.
+Field embeddings: the sparse fields share ONE table (the loader salted the hash with the field,
+or offset each field's ids, so field i's value and field j's value land in different rows). The
+dense fields enter as scaled per-field embeddings e_i = v_i * x_i (x_i the standardized value),
+and a multi-valued field (a bag, e.g. a movie's genres) as the mean of its values' rows, so every
+field - dense, sparse or bag - is one k-dim vector, and FM / cross layers treat them alike.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-N_DENSE, N_SPARSE = 13, 26
-N_FIELDS = N_DENSE + N_SPARSE
+
+@dataclass(frozen=True)
+class FieldSchema:
+    """The field layout a model is built for.
+    n_dense:   float fields, each embedded as v_i * x_i
+    n_sparse:  single-valued id fields: sparse[:, :n_sparse], ids in [0, n_buckets)
+    n_buckets: rows of the shared table (2^hash_bits for hashed Criteo ids)
+    bags:      slots per multi-valued field: bag b reads the next bags[b] columns of sparse,
+               -1 = empty slot; its embedding is the mean over the filled slots."""
+    n_dense: int = 13
+    n_sparse: int = 26
+    n_buckets: int = 2 ** 20
+    bags: tuple = ()
+
+    @property
+    def n_fields(self):
+        return self.n_dense + self.n_sparse + len(self.bags)
+
+
+def criteo_schema(hash_bits=20):
+    return FieldSchema(13, 26, 2 ** hash_bits)
+
+
+def bag_rows(schema, sparse):
+    """(B, slots) rows of the table for the bag columns, and the filled-slot mask. Empty slots
+    read an extra row past the buckets (n_buckets), so they never touch a real feature's row
+    (the sparse optimizer would otherwise update that row with a zero gradient)."""
+    ids = sparse[:, schema.n_sparse:]
+    mask = ids >= 0
+    return torch.where(mask, ids, schema.n_buckets), mask
+
+
+def bag_mean(values, mask, schema):
+    """values (B, slots, k), mask (B, slots) -> (B, n_bags, k): masked mean per bag."""
+    out, start = [], 0
+    for size in schema.bags:
+        m = mask[:, start:start + size].unsqueeze(-1).to(values.dtype)
+        total = (values[:, start:start + size] * m).sum(1)
+        out.append(total / m.sum(1).clamp(min=1))
+        start += size
+    return torch.stack(out, dim=1)
 
 
 class FeatureEmbedding(nn.Module):
-    """(dense, sparse) -> (B, 39, k): [v_1 x_1, ..., v_13 x_13, E[id_1], ..., E[id_26]].
+    """(dense, sparse) -> (B, F, k): [v_1 x_1, ..., v_D x_D, E[id_1], ..., E[id_S], bag means].
 
     With sparse=True the table produces sparse gradients: a step touches only the rows of the
-    batch (~26 * B of 2^20), which SparseAdam / sparse Adagrad update without sweeping the
-    whole table."""
+    batch (~26 * B of 2^20 for Criteo), which RowSparseAdam (optim.py) updates without sweeping
+    the whole table."""
 
-    def __init__(self, n_buckets, dim, sparse=False):
+    def __init__(self, schema, dim, sparse=False):
         super().__init__()
-        self.table = nn.Embedding(n_buckets, dim, sparse=sparse)
-        self.dense_vectors = nn.Parameter(torch.empty(N_DENSE, dim))
+        self.schema = schema
+        self.table = nn.Embedding(schema.n_buckets + (1 if schema.bags else 0), dim,
+                                  sparse=sparse)
+        self.dense_vectors = nn.Parameter(torch.empty(schema.n_dense, dim))
         nn.init.normal_(self.table.weight, std=0.01)
-        nn.init.normal_(self.dense_vectors, std=0.01)
+        if schema.n_dense:
+            nn.init.normal_(self.dense_vectors, std=0.01)
 
     def forward(self, dense, sparse):
-        return torch.cat([dense.unsqueeze(-1) * self.dense_vectors, self.table(sparse)], dim=1)
+        s = self.schema
+        parts = [dense.unsqueeze(-1) * self.dense_vectors, self.table(sparse[:, :s.n_sparse])]
+        if s.bags:
+            rows, mask = bag_rows(s, sparse)
+            parts.append(bag_mean(self.table(rows), mask, s))
+        return torch.cat(parts, dim=1)
 
 
 class FeatureLinear(nn.Module):
-    """First-order term: b + sum_i w_i x_i (dense) + sum_f w[id_f] (sparse), i.e. logistic
-    regression on the hashed one-hot features."""
+    """First-order term: b + sum_i w_i x_i (dense) + sum_f w[id_f] (sparse, bags: their mean),
+    i.e. logistic regression on the one-hot (hashed) features."""
 
-    def __init__(self, n_buckets, sparse=False):
+    def __init__(self, schema, sparse=False):
         super().__init__()
-        self.weight = nn.Embedding(n_buckets, 1, sparse=sparse)
+        self.schema = schema
+        self.weight = nn.Embedding(schema.n_buckets + (1 if schema.bags else 0), 1,
+                                   sparse=sparse)
         nn.init.zeros_(self.weight.weight)
-        self.dense = nn.Linear(N_DENSE, 1)  # includes the bias b
+        if schema.n_dense:
+            self.dense = nn.Linear(schema.n_dense, 1)  # includes the bias b
+        else:
+            self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, dense, sparse):
-        return self.dense(dense).squeeze(-1) + self.weight(sparse).sum(dim=(1, 2))
+        s = self.schema
+        out = self.weight(sparse[:, :s.n_sparse]).sum(dim=(1, 2))
+        out = out + (self.dense(dense).squeeze(-1) if s.n_dense else self.bias)
+        if s.bags:
+            rows, mask = bag_rows(s, sparse)
+            out = out + bag_mean(self.weight(rows), mask, s).sum(dim=(1, 2))
+        return out
 
 
 def fm_interaction(emb):

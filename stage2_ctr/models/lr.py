@@ -1,4 +1,4 @@
-"""Logistic regression on hashed features: logit = b + sum_i w_i x_i + sum_f w[id_f].
+"""Logistic regression on one-hot (hashed) features: logit = b + sum_i w_i x_i + sum_f w[id_f].
 The baseline every CTR model must beat; it cannot see any interaction between fields."""
 import torch.nn as nn
 
@@ -6,9 +6,9 @@ from .layers import FeatureLinear
 
 
 class LR(nn.Module):
-    def __init__(self, n_buckets, sparse=False, **_):
+    def __init__(self, schema, sparse=False):
         super().__init__()
-        self.linear = FeatureLinear(n_buckets, sparse)
+        self.linear = FeatureLinear(schema, sparse)
 
     def forward(self, dense, sparse):
         return self.linear(dense, sparse)

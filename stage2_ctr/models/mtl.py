@@ -5,7 +5,7 @@ one; CTRMultiTask puts the shared field embedding of the Stage 2 models in front
 import torch
 import torch.nn as nn
 
-from .layers import N_FIELDS, MLP, Experts, FeatureEmbedding, Gate, Towers
+from .layers import MLP, Experts, FeatureEmbedding, FieldSchema, Gate, Towers
 
 
 class SharedBottom(nn.Module):
@@ -127,13 +127,16 @@ def width_for_budget(name, in_dim, n_tasks, budget, **kw):
 
 
 class CTRMultiTask(nn.Module):
-    """Stage 2's field embedding (13 dense + 26 hashed sparse fields, one table) -> flatten ->
-    a multi-task block -> (B, T) logits: one model for click and conversion."""
+    """Stage 2's field embedding (for Criteo: 13 dense + 26 hashed sparse fields, one table) ->
+    flatten -> a multi-task block -> (B, T) logits: one model for click and conversion.
+    block_kw go to build_mtl (which rejects unknown ones)."""
 
-    def __init__(self, n_buckets, block_name, n_tasks=2, emb_dim=16, sparse=False, **block_kw):
+    def __init__(self, schema, block_name, n_tasks=2, emb_dim=16, sparse=False, **block_kw):
         super().__init__()
-        self.embedding = FeatureEmbedding(n_buckets, emb_dim, sparse)
-        self.block = build_mtl(block_name, N_FIELDS * emb_dim, n_tasks, **block_kw)
+        if isinstance(schema, int):
+            schema = FieldSchema(n_buckets=schema)
+        self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
+        self.block = build_mtl(block_name, schema.n_fields * emb_dim, n_tasks, **block_kw)
 
     def forward(self, dense, sparse):
         return self.block(self.embedding(dense, sparse).flatten(1))

@@ -1,0 +1,289 @@
+"""What every stage needs, written once: atomic writes, mean ± std, peak memory, the matmul peak,
+markdown tables, metrics (AUC, log loss, calibration) and the argparse types of every chapter.
+
+Chapters import it after putting the repository root on sys.path (the two lines at the top of
+each numbered script), so `import common` and `from stage2_ctr.criteo import ...` are plain
+imports that an IDE and an import-graph tool follow.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+RUNS = ROOT / "runs"
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def atomic_write(path, write_fn):
+    """write_fn(tmp_path) writes the file; it appears under `path` only once complete (a temp
+    file in the same folder, then os.replace), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1, default=_json_default))
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, (Path, np.ndarray)):
+        return str(x) if isinstance(x, Path) else x.tolist()
+    raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def save_npy(path, array):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+            np.save(f, array)
+    atomic_write(path, write)
+
+
+def torch_save(obj, path):
+    import torch
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def remove_stale_tmp(folder):
+    """Temp files a killed run left behind (atomic_write's `name.XXXX.tmp`): removed on the
+    next start, so they do not pile up."""
+    for p in Path(folder).glob("*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=100):
+    plt = pyplot()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    plt.close(fig)
+
+
+def quick_or_results(quick):
+    """Where a result table goes: results/ (committed, shown by the READMEs) for full runs,
+    runs/quick/ for --quick runs, so `make demo` never overwrites a measured table."""
+    return RUNS / "quick" if quick else RESULTS
+
+
+# ---------------------------------------------------------------------------------- reporting
+def mean_std(values, digits=4):
+    """'mean ± std' (population std, 0 for one value); '-' for no values."""
+    v = np.asarray(list(values), dtype=float)
+    if v.size == 0:
+        return "-"
+    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
+
+
+def markdown_table(header, rows):
+    """Lines of a markdown table: header (list of str), rows (lists of cells)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+# ------------------------------------------------------------------------------------ metrics
+def expected_calibration_error(y, p, n_bins=15):
+    """ECE: bin predictions into equal-width probability bins, then sum over bins of
+    (bin share of rows) * |mean label - mean prediction|. 0 = perfectly calibrated."""
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    pos = np.bincount(which, weights=y, minlength=n_bins)
+    conf = np.bincount(which, weights=p, minlength=n_bins)
+    seen = count > 0
+    return float(np.sum(np.abs(pos[seen] - conf[seen])) / len(y))
+
+
+def auc_logloss(y, p):
+    """{'auc', 'logloss', 'rows'} of probabilities p for 0/1 labels y."""
+    from sklearn.metrics import log_loss, roc_auc_score
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    y = np.asarray(y, dtype=np.float64)
+    return {"auc": float(roc_auc_score(y, p)), "logloss": float(log_loss(y, p, labels=[0, 1])),
+            "rows": int(len(y))}
+
+
+def binary_metrics(y, p):
+    """AUC and log loss plus calibration: ECE, mean prediction, positive rate."""
+    out = auc_logloss(y, p)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    out.update(ece=expected_calibration_error(np.asarray(y, np.float64), p),
+               mean_pred=float(p.mean()), pos_rate=float(np.mean(y)))
+    return out
+
+
+# ------------------------------------------------------------------------------------- memory
+def peak_rss_mb(children=False):
+    """Peak resident memory of this process (plus its finished children), MiB (Linux: KiB)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if children:
+        kb += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return kb / 1024
+
+
+def reset_peak_rss():
+    """Linux: hand freed heap back to the OS, then forget this process's peak (VmHWM), so the
+    next measurement's peak is its own. Elsewhere a no-op (the peak is then cumulative)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_since_reset_mb():
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+# --------------------------------------------------------------------------- the matmul peak
+def matmul_peak_gflops(device="cpu", dtype="float32", n=2048, repeats=20):
+    """The best of `repeats` n x n matmuls in `dtype`, in GFLOP/s: the practical peak an MLP's
+    matmuls are measured against. (On a shared machine a single reading can come out low:
+    callers measure before and after their work and keep the higher one.)"""
+    import torch
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def synchronize(device):
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- argparse types
+def checked(kind, ok, rule):
+    """An argparse type: kind(text), rejected with `must be <rule>` unless ok(value)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = checked(float, lambda v: v > 0 and np.isfinite(v), "a number > 0")
+non_negative_float = checked(float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0")
+probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+fraction = checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+correlation = checked(float, lambda v: -1 <= v <= 1, "a correlation (cosine) in [-1, 1]")
+
+
+def layer_list(text):
+    """'400,400,400' -> (400, 400, 400); '' -> () (no hidden layer)."""
+    try:
+        sizes = tuple(int(h) for h in text.split(",") if h.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated layer sizes such as 400,400,400, got {text!r}")
+    if any(h < 1 for h in sizes):
+        raise argparse.ArgumentTypeError(f"layer sizes must be >= 1, got {text!r}")
+    return sizes
+
+
+def int_list(text):
+    """'0,1,2' -> [0, 1, 2]."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}")
+
+
+def float_list(text):
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}")
+
+
+def device_arg(text):
+    """auto | cpu | cuda | cuda:N, checked against what this machine has."""
+    import torch
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: there is one CPU device; use cpu")
+        return "cpu"
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device visible to "
+                                         "torch; use --device auto (or cpu)")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} CUDA "
+                                         "device(s) here")
+    return text
+
+
+def resolve_device(name, local_rank=0):
+    """'auto' -> cuda:<local_rank> when CUDA is there, else cpu; otherwise torch.device(name)
+    (validated by device_arg)."""
+    import torch
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    return torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device
+
+
+def set_threads(threads):
+    """torch CPU threads (0 = torch's default). A flag in every chapter: the machine is shared."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,110 @@
+"""What `make demo` measured, on one screen: per stage the AUCs, the gap to the oracle, rows/s,
+samples/s and latency, read from the runs' metrics.json files, with the path of each.
+
+Run:    python summary.py [--runs-dir runs]       (make demo runs it last)
+A run that is missing is named with the command that makes it; nothing is recomputed here.
+"""
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def rel(path):
+    """A path as the reader typed it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def read(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stage1(runs):
+    path = runs / "stage1_both_ple_tokens_wA1_wB1_s0" / "metrics.json"
+    m = read(path)
+    if not m:
+        return [f"  (no run: python stage1_adult/03_train_mtml.py -> {rel(path)})"]
+    t = m["splits"]["test"]
+    return [f"  shared-bottom MTL: test AUC income {t['income']['auc']:.4f}, married "
+            f"{t['married']['auc']:.4f} | best epoch {m['best_epoch']} | "
+            f"{m['train_samples_per_s']:,.0f} train samples/s", f"    {rel(path)}"]
+
+
+def stage2(runs, data):
+    lines = []
+    meta = read(data / "synthetic" / "meta.json")
+    if meta and "oracle_auc" in meta["splits"].get("test", {}):
+        lines.append(f"  synthetic data: {sum(s['rows'] for s in meta['splits'].values()):,} "
+                     f"rows, oracle test AUC {meta['splits']['test']['oracle_auc'][0]:.4f} "
+                     f"(generated at {meta['rows_per_s']:,.0f} rows/s)")
+    loader = read(runs / "dataloader" / "metrics.json")
+    if loader:
+        collisions = loader.get("collisions")
+        lines.append(f"  loader: {loader['rows']:,} rows at {loader['rows_per_s']:,.0f} rows/s"
+                     + (f", {collisions['values_sharing_a_bucket']:.1%} of values share a "
+                        f"bucket at 2^{collisions['hash_bits']}" if collisions else "")
+                     + f"\n    {rel(runs / 'dataloader' / 'metrics.json')}")
+    for path in sorted(runs.glob("ctr_*/metrics.json")):
+        m = read(path)
+        if not m:
+            continue
+        t = m["splits"]["test"]
+        gap = (f", gap to the oracle {t['auc_gap_to_oracle']:.4f}" if "auc_gap_to_oracle" in t
+               else "")
+        lines += [f"  {m['model']}: test AUC {t['auc']:.4f}, logloss {t['logloss']:.4f}{gap} | "
+                  f"{m['train_samples_per_s']:,.0f} train samples/s on {m['device']}",
+                  f"    {rel(path)}"]
+    for path in sorted(runs.glob("movielens*/metrics.json")):
+        m = read(path)
+        if m and "splits" in m:
+            t = m["splits"]["test"]
+            lines += [f"  MovieLens-100k {m['model']}: test AUC {t['auc']:.4f}, logloss "
+                      f"{t['logloss']:.4f}", f"    {rel(path)}"]
+    return lines or ["  (no runs: python stage2_ctr/train_ctr.py)"]
+
+
+def stage3(runs):
+    lines = []
+    mtl = read(runs / "stage3_mtl_adult.json")
+    if mtl:
+        by_arch = {}
+        for r in mtl["runs"]:
+            if len(r["tasks"]) == 2:
+                by_arch.setdefault(r["arch"], []).append(r["test_auc"])
+        cells = [f"{a} {sum(x['income'] for x in v) / len(v):.4f}/"
+                 f"{sum(x['married'] for x in v) / len(v):.4f}" for a, v in by_arch.items()]
+        lines += ["  multi-task on Adult (income/married test AUC): " + ", ".join(cells),
+                  f"    {rel(runs / 'stage3_mtl_adult.json')}"]
+    lat = read(runs / "stage3_latency.json")
+    if lat:
+        for model in dict.fromkeys(r["model"] for r in lat["rows"]):
+            rows = [r for r in lat["rows"] if r["model"] == model]
+            cells = [f"batch {r['batch']:,} {r['p50_ms']:.2f} ms ({r['samples_per_s']:,.0f}/s)"
+                     for r in rows]
+            lines.append(f"  {model} p50 latency: " + ", ".join(cells))
+        lines.append(f"    {rel(runs / 'stage3_latency.json')}")
+    return lines or ["  (no runs: python stage3_advanced/01_mtl_adult.py --quick)"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs-dir", default=str(ROOT / "runs"))
+    p.add_argument("--data-dir", default=str(ROOT / "stage2_ctr" / "data"))
+    args = p.parse_args(argv)
+    runs = Path(args.runs_dir)
+    lines = ["", "=" * 78, "What the demo measured (quick sizes: the full tables are in results/)",
+             "=" * 78, "Stage 1: UCI Adult", *stage1(runs),
+             "Stage 2: CTR on Criteo-format data", *stage2(runs, Path(args.data_dir)),
+             "Stage 3: multi-task blocks and serving", *stage3(runs),
+             "Read next: README.md (the learning path) and each stage's README.md."]
+    print("\n".join(lines))
+    return lines
+
+
+if __name__ == "__main__":
+    main()
