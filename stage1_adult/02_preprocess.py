@@ -135,6 +135,33 @@ def save_npz(path, arrays):
     common.atomic_write(path, write)
 
 
+def encode_split(df, cat_cols, num_stats, edges, vocabs, token_vocabs):
+    """One split's arrays (every numeric three ways, categoricals as indices) and its OOV rate
+    per categorical column, with the statistics and vocabularies fitted on train."""
+    x_bin, x_binfrac = bin_and_frac(df, edges)
+    x_cat = np.stack([apply_vocab(df[c], vocabs[c]) for c in cat_cols], 1)
+    arrays = {"x_num": standardize(df, num_stats), "x_bin": x_bin, "x_binfrac": x_binfrac,
+              "x_tok": np.stack([apply_vocab(df[c].map(fmt_num), token_vocabs[c])
+                                 for c in TOKEN_COLUMNS], 1),
+              "x_cat": x_cat, "y_income": df["y_income"].to_numpy(np.float32),
+              "y_married": df["y_married"].to_numpy(np.float32)}
+    return arrays, {c: float((x_cat[:, i] == 0).mean()) for i, c in enumerate(cat_cols)}
+
+
+def report(args, splits, meta, out, meta_path):
+    print(f"split (seed {args.seed}): " + ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))
+    print("numerics: log1p on " + ", ".join(LOG1P) + "; standardized with train mean/std; "
+          + "bins per column: " + ", ".join(f"{c} {meta['n_bins'][c]}" for c in NUMERIC))
+    print("categoricals: " + ", ".join(f"{c} {meta['cardinalities'][c]}"
+                                       for c in meta["categorical_columns"])
+          + f" (index 0 = OOV, min count {args.min_count})")
+    print(f"dropped (leak of task B): {meta['dropped_columns'] or 'none (--keep-leaky)'}")
+    test_oov = {c: r for c, r in meta["oov_rate"]["test"].items() if r > 0}
+    print("test OOV rate: " + (", ".join(f"{c} {r:.2%}" for c, r in test_oov.items()) or "none"))
+    print(f"wrote {out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out} "
+          f"and {meta_path.name}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out) if args.out else HERE / (
@@ -151,7 +178,6 @@ def main(argv=None):
                                   stratify=train_full["y_income"])
     splits = {"train": train, "val": val, "test": test}
     cat_cols = [c for c in CATEGORICAL if args.keep_leaky or c not in LEAKY]
-    dropped = [] if args.keep_leaky else list(LEAKY)
 
     # 2. fit on train only ---------------------------------------------------------------------
     num_stats = fit_numeric(train)
@@ -162,35 +188,22 @@ def main(argv=None):
     # 3. transform every split -----------------------------------------------------------------
     arrays, oov_rate = {}, {}
     for name, df in splits.items():
-        x_bin, x_binfrac = bin_and_frac(df, edges)
-        x_cat = np.stack([apply_vocab(df[c], vocabs[c]) for c in cat_cols], 1)
-        arrays[f"x_num_{name}"] = standardize(df, num_stats)
-        arrays[f"x_bin_{name}"] = x_bin
-        arrays[f"x_binfrac_{name}"] = x_binfrac
-        arrays[f"x_tok_{name}"] = np.stack(
-            [apply_vocab(df[c].map(fmt_num), token_vocabs[c]) for c in TOKEN_COLUMNS], 1)
-        arrays[f"x_cat_{name}"] = x_cat
-        arrays[f"y_income_{name}"] = df["y_income"].to_numpy(np.float32)
-        arrays[f"y_married_{name}"] = df["y_married"].to_numpy(np.float32)
-        oov_rate[name] = {c: float((x_cat[:, i] == 0).mean()) for i, c in enumerate(cat_cols)}
+        split_arrays, oov_rate[name] = encode_split(df, cat_cols, num_stats, edges, vocabs,
+                                                    token_vocabs)
+        arrays.update({f"{k}_{name}": v for k, v in split_arrays.items()})
 
+    # 4. write the npz and its meta, report ------------------------------------------------------
     meta = {
-        "schema_version": SCHEMA_VERSION,
-        "script": "stage1_adult/02_preprocess.py",
-        "config": vars(args),
-        "keep_leaky": args.keep_leaky,
-        "dropped_columns": dropped,
+        "schema_version": SCHEMA_VERSION, "script": "stage1_adult/02_preprocess.py",
+        "config": vars(args), "keep_leaky": args.keep_leaky,
+        "dropped_columns": [] if args.keep_leaky else list(LEAKY),
         "dropped_why": "" if args.keep_leaky else (
             "task B (married) is derived from marital-status; marital-status and relationship "
             "(Husband/Wife) would let the model read the label off its inputs"),
-        "numeric_columns": NUMERIC,
-        "numeric_standardize": num_stats,
-        "numeric_bin_edges": edges,
-        "n_bins": {c: len(edges[c]) - 1 for c in NUMERIC},
-        "token_columns": TOKEN_COLUMNS,
-        "token_vocabs": token_vocabs,
-        "categorical_columns": cat_cols,
-        "vocabs": vocabs,
+        "numeric_columns": NUMERIC, "numeric_standardize": num_stats,
+        "numeric_bin_edges": edges, "n_bins": {c: len(edges[c]) - 1 for c in NUMERIC},
+        "token_columns": TOKEN_COLUMNS, "token_vocabs": token_vocabs,
+        "categorical_columns": cat_cols, "vocabs": vocabs,
         "cardinalities": {c: len(vocabs[c]) + 1 for c in cat_cols},  # +1 for OOV index 0
         "rows": {k: int(len(v)) for k, v in splits.items()},
         "positive_rate": {k: {"income": float(v["y_income"].mean()),
@@ -199,18 +212,7 @@ def main(argv=None):
     }
     save_npz(out, arrays)
     common.write_json(meta_path, meta)
-
-    # 4. report --------------------------------------------------------------------------------
-    print(f"split (seed {args.seed}): " + ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))
-    print("numerics: log1p on " + ", ".join(LOG1P) + "; standardized with train mean/std; "
-          + "bins per column: " + ", ".join(f"{c} {meta['n_bins'][c]}" for c in NUMERIC))
-    print("categoricals: " + ", ".join(f"{c} {meta['cardinalities'][c]}" for c in cat_cols)
-          + f" (index 0 = OOV, min count {args.min_count})")
-    print(f"dropped (leak of task B): {dropped or 'none (--keep-leaky)'}")
-    test_oov = {c: r for c, r in oov_rate["test"].items() if r > 0}
-    print("test OOV rate: " + (", ".join(f"{c} {r:.2%}" for c, r in test_oov.items()) or "none"))
-    print(f"wrote {out.relative_to(HERE.parent) if out.is_relative_to(HERE.parent) else out} "
-          f"and {meta_path.name}")
+    report(args, splits, meta, out, meta_path)
 
 
 if __name__ == "__main__":

@@ -90,10 +90,22 @@ def main(argv=None):
               f"{len(speeds)})", flush=True)
 
     # report -----------------------------------------------------------------------------------
-    seeds = f"{len(args.seed_list)} seeds"
+    seconds = time.perf_counter() - t0
+    out_dir = Path(args.out_dir)
+    common.write_text(out_dir / "stage1_encodings.md", "\n".join(report(args, results, seconds))
+                      + "\n")
+    summary = {"script": "stage1_adult/05_what_matters.py", "model": "shared_bottom_mlp",
+               "dataset": "adult", "device": "cpu", "seed": args.seed_list, "config": vars(args),
+               "results": results, "wall_s": seconds}
+    common.write_json(Path(args.runs_dir) / "stage1_what_matters" / "metrics.json", summary)
+    print(f"wrote {out_dir / 'stage1_encodings.md'}")
+
+
+def report(args, results, seconds):
+    """The markdown lines of results/stage1_encodings.md."""
     lines = ["# Stage 1: what each choice is worth", "",
-             f"Adult, shared-bottom MLP, test AUC on adult.test (mean ± std over {seeds}); "
-             "every choice was made on the validation split.", "",
+             f"Adult, shared-bottom MLP, test AUC on adult.test (mean ± std over "
+             f"{len(args.seed_list)} seeds); every choice was made on the validation split.", "",
              "## Numeric encodings (leak-free, multi-task)", "",
              "| numerics enter as | val income AUC | test income AUC | test married AUC | "
              "parameters |", "|---|---|---|---|---|"]
@@ -111,16 +123,8 @@ def main(argv=None):
     lines += [f"| `{r['loader']}` | {r['median']:,.0f} | {r['median'] / base:.2f}× |"
               for r in results["loader"]]
     lines += ["", f"Written by `python stage1_adult/05_what_matters.py --seeds {args.seeds} "
-              f"--threads {args.threads}` in {time.perf_counter() - t0:.0f} s."]
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    common.write_text(out_dir / "stage1_encodings.md", "\n".join(lines) + "\n")
-    run_dir = Path(args.runs_dir) / "stage1_what_matters"
-    summary = {"script": "stage1_adult/05_what_matters.py", "model": "shared_bottom_mlp",
-               "dataset": "adult", "device": "cpu", "seed": args.seed_list, "config": vars(args),
-               "results": results, "wall_s": time.perf_counter() - t0}
-    common.write_json(run_dir / "metrics.json", summary)
-    print(f"wrote {out_dir / 'stage1_encodings.md'}")
+              f"--threads {args.threads}` in {seconds:.0f} s."]
+    return lines
 
 
 if __name__ == "__main__":

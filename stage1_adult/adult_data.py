@@ -58,7 +58,10 @@ def read_adult(path, max_bad_fraction=0.01):
     Returns (df, report) where report = {"rows", "bad_rows", "bad_examples": [(line, why)]}.
     """
     path = Path(path)
-    if path.is_dir() or not path.exists():
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not the Adult file; the UCI files "
+                        f"(adult.data, adult.test) belong in {path.parent}/")
+    if not path.exists():
         raise DataError(f"{path}: file not found. The UCI Adult files (adult.data, adult.test) "
                         f"belong in {path.parent}/ - copy them from {UCI_URL}")
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -84,11 +87,7 @@ def read_adult(path, max_bad_fraction=0.01):
     bad_label = ~label.isin(["<=50K", ">50K"])
     bad_why[bad_label[bad_label].index] = "income label is not <=50K / >50K: " + parts.loc[
         bad_label, "income"]
-    for col in NUMERIC:
-        values = pd.to_numeric(parts[col], errors="coerce")
-        bad = values.isna() & (bad_why[parts.index] == "")
-        bad_why[bad[bad].index] = f"{col} is not a number: " + parts.loc[bad, col]
-        parts[col] = values
+    parse_numerics(parts, bad_why)
 
     good = bad_why[parts.index] == ""
     df = parts[good].copy()
@@ -109,6 +108,22 @@ def read_adult(path, max_bad_fraction=0.01):
                         f"(more than {max_bad_fraction:.0%}); first: {first}. "
                         "Is this the UCI Adult file?")
     return df, report
+
+
+def parse_numerics(parts, bad_why):
+    """NUMERIC columns of `parts` parsed in place; a value that is not a finite number gives
+    its row a reason in bad_why (the first reason a row gets is the one reported)."""
+    for col in NUMERIC:
+        values = pd.to_numeric(parts[col], errors="coerce")
+        unset = bad_why[parts.index] == ""
+        bad = values.isna() & unset
+        bad_why[bad[bad].index] = f"{col} is not a number: " + parts.loc[bad, col]
+        # pandas parses "inf" and "1e400" as infinite numbers: a bad row too, or the
+        # standardization spreads the inf to every row of the split
+        infinite = values.notna() & ~np.isfinite(values.astype(np.float64)) & unset
+        bad_why[infinite[infinite].index] = f"{col} is not a finite number: " + parts.loc[
+            infinite, col]
+        parts[col] = values
 
 
 def describe_report(path, report):

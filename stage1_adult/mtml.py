@@ -8,6 +8,7 @@ then train_model(), then run().
 import copy
 import json
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,15 +78,17 @@ def load_npz(path):
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise NpzError(f"{path} is from another schema version "
                        f"({meta.get('schema_version')} != {SCHEMA_VERSION}): {hint}")
-    with np.load(path, allow_pickle=False) as z:
-        data = {}
-        for split in ["train", "val", "test"]:
-            try:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {}
+            for split in ["train", "val", "test"]:
                 data[split] = {k: torch.from_numpy(z[f"{k}_{split}"]) for k in
                                ["x_num", "x_bin", "x_binfrac", "x_tok", "x_cat",
                                 "y_income", "y_married"]}
-            except KeyError as e:
-                raise NpzError(f"{path} lacks array {e}: {hint}")
+    except KeyError as e:
+        raise NpzError(f"{path} lacks array {e}: {hint}") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise NpzError(f"{path}: truncated or not an npz ({type(e).__name__}): {hint}") from None
     return data, meta
 
 

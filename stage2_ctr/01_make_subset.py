@@ -16,6 +16,7 @@ Time:   --synthetic 200000: ~1 s; 2M rows ~4 s; 20M rows ~40 s (the disk decides
 """
 import argparse
 import os
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -42,8 +43,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", help="real Criteo files (plain or .gz), read in order")
-    p.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic rows instead")
-    p.add_argument("--rows", type=int, help="real data: keep the first N rows")
+    p.add_argument("--synthetic", type=common.positive_int, metavar="N",
+                   help="generate N synthetic rows instead")
+    p.add_argument("--rows", type=common.positive_int, help="real data: keep the first N rows")
     p.add_argument("--sample-rate", type=float, help="real data: keep each row with prob. p")
     p.add_argument("--split", choices=["random", "time"], default=d.split,
                    help="random = seeded 8:1:1 per row; time = last 10%% val, then 10%% test")
@@ -59,15 +61,13 @@ def parse_args(argv=None):
     p.add_argument("--ctr2", type=float, default=d.ctr2, help="synthetic: second task's rate")
     p.add_argument("--strength", type=float, default=d.strength,
                    help="synthetic: scale of the pairwise + third-order terms (0 = first order)")
-    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows,
+    p.add_argument("--chunk-rows", type=common.positive_int, default=d.chunk_rows,
                    help="synthetic: rows per chunk (small chunks stay in the CPU cache)")
-    p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
+    p.add_argument("--workers", type=common.positive_int, default=min(os.cpu_count() or 1, 4),
                    help="synthetic: processes generating chunks in parallel")
     args = p.parse_args(argv)
     if args.synthetic is None and not args.input:
         p.error(DOWNLOAD_HELP)
-    if args.synthetic is not None and args.synthetic < 1:
-        p.error("--synthetic N needs N >= 1")
     if args.sample_rate is not None and not 0 < args.sample_rate <= 1:
         p.error("--sample-rate must be in (0, 1]")
     if not 0 < args.ctr < 1 or not 0 < args.ctr2 < 1:
@@ -109,7 +109,7 @@ def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val
             total = min(n, rows or n)
             if sample_rate:
                 total = int(total * sample_rate)  # expected; the split uses this estimate
-    writer = synthetic.SplitWriter(out_dir)
+    writer = criteo.DatasetWriter(out_dir)  # a temporary folder, swapped in at the end
     seen = kept = 0
     with tqdm(unit=" rows", unit_scale=True, desc="reading") as bar:
         for path in paths:
@@ -117,7 +117,8 @@ def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val
                 arr = np.frombuffer(raw, np.uint8)
                 ends = np.flatnonzero(arr == 10) + 1
                 begins = np.concatenate([[0], ends[:-1]])
-                keep = np.ones(len(ends), bool)
+                lengths = ends - begins  # blank lines ("\n", "\r\n") are not rows
+                keep = ~((lengths == 1) | ((lengths == 2) & (arr[begins] == 13)))
                 if sample_rate:
                     keep &= rng.random(len(ends)) < sample_rate
                 if rows:
@@ -134,27 +135,35 @@ def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val
                     break
             if rows and kept >= rows:
                 break
-    writer.close()
+    writer.close_splits()
+    if kept == 0:
+        shutil.rmtree(writer.folder, ignore_errors=True)
+        raise criteo.CriteoFormatError(f"{paths[0]}: no data rows (blank lines only?); nothing "
+                                       "to split")
     report = {name: {"rows": writer.rows[s],
                      "positive_rate": writer.positives[s] / max(writer.rows[s], 1)}
-              for s, name in enumerate(synthetic.SplitWriter.NAMES)}
+              for s, name in enumerate(criteo.DatasetWriter.NAMES)}
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "subset",
             "config": {"input": [str(p) for p in paths], "rows": rows,
                        "sample_rate": sample_rate, "split": split, "val_frac": val_frac,
                        "test_frac": test_frac, "seed": seed},
             "rows_read": seen, "splits": report, "seconds": time.perf_counter() - t0}
-    common.write_json(Path(out_dir) / "meta.json", meta)
+    common.write_json(writer.folder / "meta.json", meta)
+    writer.commit()
     return meta
 
 
 def write_lines(writer, split, arr, begins, ends):
-    """Append the lines [begins[i], ends[i]) of the byte array to one split's file."""
+    """Append the lines [begins[i], ends[i]) of the byte array to one split's file, with LF
+    line endings (a CRLF input's '\r' would otherwise stay part of its last field)."""
     if len(begins) == 0:
         return
     lengths = ends - begins
     within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    data = arr[np.repeat(begins, lengths) + within]
-    writer.write(split, data.tobytes(), int((arr[begins] == ord("1")).sum()))
+    data = arr[np.repeat(begins, lengths) + within].tobytes()
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n")
+    writer.write(split, data, int((arr[begins] == ord("1")).sum()))
     writer.rows[split] += len(begins)
 
 

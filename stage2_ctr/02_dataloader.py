@@ -31,25 +31,31 @@ from stage2_ctr import criteo  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("files", nargs="*", help="Criteo-format files (plain or .gz)")
-    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=common.positive_int, default=4096)
     p.add_argument("--hash-bits", type=int, default=20, help="2^bits buckets in the shared table")
     p.add_argument("--stats", default=None, help="dense statistics JSON from --fit-stats")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--num-workers", type=common.non_negative_int, default=0,
+                   help="DataLoader worker processes")
     p.add_argument("--labels", type=int, default=1, help="label columns before I1 (0..2)")
     p.add_argument("--no-label", action="store_true", help="files have no label (test.txt)")
-    p.add_argument("--shuffle-buffer", type=int, default=0, help="rows shuffled together")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01)
-    p.add_argument("--chunk-kb", type=int, default=1024,
+    p.add_argument("--shuffle-buffer", type=common.non_negative_int, default=0,
+                   help="rows shuffled together")
+    p.add_argument("--max-bad-fraction", type=common.fraction, default=0.01,
+                   help="stop when more rows than this share of a file are malformed")
+    p.add_argument("--chunk-kb", type=common.positive_int, default=1024,
                    help="bytes read per block, in KiB (~1 MiB keeps a block's arrays in cache)")
-    p.add_argument("--max-batches", type=int, default=0, help="stop after this many (0 = all)")
-    p.add_argument("--group", type=int, default=8,
+    p.add_argument("--max-batches", type=common.non_negative_int, default=0,
+                   help="stop after this many (0 = all)")
+    p.add_argument("--group", type=common.positive_int, default=8,
                    help="batches per transfer from a worker process (see iter_batches)")
     p.add_argument("--fit-stats", metavar="FILE", nargs="+",
                    help="compute dense statistics over FILE(s) and write FILE.stats.json")
-    p.add_argument("--stats-rows", type=int, default=2_000_000, help="rows used by --fit-stats")
+    p.add_argument("--stats-rows", type=common.positive_int, default=2_000_000,
+                   help="rows used by --fit-stats")
     p.add_argument("--report-collisions", action="store_true",
                    help="count distinct values vs buckets at --hash-bits")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    p.add_argument("--threads", type=common.positive_int, default=1,
+                   help="torch threads in the main process")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where metrics.json goes")
     args = p.parse_args(argv)
     if not 1 <= args.hash_bits <= 40:
@@ -66,22 +72,26 @@ def parse_args(argv=None):
 def read_through(files, batch_size, hash_bits, stats, n_labels, num_workers, group, chunk_kb,
                  shuffle_buffer=0, max_bad_fraction=0.01, max_batches=0):
     """Every batch of `files` through CriteoStream + DataLoader (workers read disjoint byte
-    ranges; each hands over `group` batches per transfer). Returns rows, seconds, the first
-    batch and the stream (its .stats hold the bad-row counts of a single-process pass)."""
+    ranges; each hands over `group` batches per transfer and reports its bad rows at the end).
+    Returns rows, seconds, the first batch and the bad-row counts per file (summed over the
+    workers; empty when stopped early by max_batches)."""
     stream = criteo.CriteoStream(files, batch_size, hash_bits, stats, n_labels,
                                  chunk_bytes=chunk_kb << 10, shuffle_buffer=shuffle_buffer,
                                  max_bad_fraction=max_bad_fraction,
-                                 group=group if num_workers else 1)
+                                 group=group if num_workers else 1, report=True)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
-    rows, first, t0 = 0, None, time.perf_counter()
+    rows, first, reports, t0 = 0, None, [], time.perf_counter()
     with tqdm(unit=" rows", unit_scale=True, desc="reading") as bar:
-        for i, batch in enumerate(criteo.iter_batches(loader, batch_size)):
+        for i, batch in enumerate(criteo.iter_batches(loader, batch_size, reports)):
             first = first or batch
             rows += len(batch[0])
             bar.update(len(batch[0]))
             if max_batches and i + 1 >= max_batches:
                 break
-    return rows, time.perf_counter() - t0, first, stream
+    if first is None:
+        raise criteo.CriteoFormatError(f"{files[0]}: no data rows (blank or malformed lines "
+                                       "only)")
+    return rows, time.perf_counter() - t0, first, criteo.merge_reports(reports)
 
 
 def show_first_batch(first, hash_bits):
@@ -110,8 +120,9 @@ def main(argv=None):
     try:
         if args.fit_stats:
             return fit_and_write_stats(args.fit_stats, args.stats_rows, args.labels)
-        rows, seconds, first, stream = read_through(
-            args.files, args.batch_size, args.hash_bits, args.stats, args.labels,
+        stats = criteo.load_stats(args.stats) if args.stats else None
+        rows, seconds, first, bad = read_through(
+            args.files, args.batch_size, args.hash_bits, stats, args.labels,
             args.num_workers, args.group, args.chunk_kb, args.shuffle_buffer,
             args.max_bad_fraction, args.max_batches)
         show_first_batch(first, args.hash_bits)
@@ -122,9 +133,11 @@ def main(argv=None):
                    "config": {k: v for k, v in vars(args).items() if k != "files"},
                    "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
                    "peak_rss_mb": common.peak_rss_mb(children=True)}
-        if args.num_workers == 0 and not args.max_batches:
-            metrics["bad_rows"] = stream.stats["bad_rows"]
-            print(f"bad rows skipped: {stream.stats['bad_rows']}")
+        if bad:
+            metrics["bad_rows"] = bad
+            print(f"bad rows skipped: {sum(c['bad_rows'] for c in bad.values()):,}")
+            for line in criteo.describe_bad_rows(bad):
+                print(line)
         if args.report_collisions:
             r = metrics["collisions"] = criteo.collision_report(args.files, args.hash_bits,
                                                                 args.labels)

@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
 from tqdm import tqdm  # noqa: E402
 
+import common  # noqa: E402
 from stage2_ctr import criteo  # noqa: E402
 
 
@@ -40,16 +41,17 @@ def parse_args(argv=None):
     p.add_argument("--hash-bits", type=int, default=20, help="2^bits buckets (<= 31 for int32)")
     p.add_argument("--stats", default=None, help="dense statistics JSON (02 --fit-stats)")
     p.add_argument("--labels", type=int, default=1, help="label columns before I1 (0..2)")
-    p.add_argument("--workers", type=int, default=2, help="parser processes")
+    p.add_argument("--workers", type=common.non_negative_int, default=2, help="parser processes")
     p.add_argument("--read", metavar="FOLDER", help="read a cache once and print rows/s")
-    p.add_argument("--batch-size", type=int, default=4096, help="--read: rows per batch")
+    p.add_argument("--batch-size", type=common.positive_int, default=4096,
+                   help="--read: rows per batch")
     args = p.parse_args(argv)
     if not args.read and not (args.files and args.out):
         p.error("give Criteo files and --out FOLDER to convert, or --read FOLDER")
     if not 1 <= args.hash_bits <= 31:
         p.error("--hash-bits must be in [1, 31]: ids are stored as int32")
-    if not 0 <= args.labels <= 2 or args.workers < 0 or args.batch_size < 1:
-        p.error("--labels must be in [0, 2], --workers >= 0, --batch-size >= 1")
+    if not 0 <= args.labels <= 2:
+        p.error("--labels must be in [0, 2]")
     return args
 
 
@@ -78,8 +80,6 @@ def main(argv=None):
                                   args.workers)
     except criteo.CriteoFormatError as e:
         sys.exit(f"error: {e}")
-    except ValueError as e:  # a worker's error arrives with its traceback: keep the last line
-        sys.exit(f"error: {str(e).strip().splitlines()[-1]}")
     print(f"cached {meta['rows']:,} rows in {meta['seconds']:.1f} s "
           f"({meta['rows'] / max(meta['seconds'], 1e-9):,.0f} rows/s) -> {args.out}")
     return meta

@@ -93,7 +93,12 @@ def loader_configs():
 
 
 def _one_config(queue, config, path, hash_bits, n_labels, batch_size, chunk_kb):
-    """In a fresh (spawned) process: run one configuration, report rows/s and peak RSS."""
+    """In a fresh (spawned) process: run one configuration, report rows/s and peak RSS. A
+    spawned process makes 'spawn' its default start method; DataLoader workers are forked on
+    Linux everywhere else in this project, so they are forked here too (spawned workers would
+    re-import torch and count their start-up as loader time)."""
+    if sys.platform.startswith("linux"):
+        multiprocessing.set_start_method("fork", force=True)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     if config == "pandas":
@@ -191,7 +196,7 @@ def ours_from_disk(rows, b, path):
     torch.manual_seed(0)
     model = build_model("deepfm", criteo_schema(20), emb_dim=EMB, mlp=MLP, sparse=True)
     step = make_step(model, make_optimizers(model, 1e-3))
-    stream = criteo.CriteoStream([path], b, 20, group=8, verbose=False)
+    stream = criteo.CriteoStream([path], b, 20, group=8)
 
     def one_pass():
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)

@@ -24,10 +24,10 @@ Output of CriteoStream and BinaryStream, one tuple per batch (B rows, T label co
   label  float32 (B,)      or (B, T) when n_labels = T > 1 (columns: label_1 .. label_T)
 """
 import gzip
+import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -40,6 +40,7 @@ N_DENSE, N_SPARSE = 13, 26
 HASH_SEED = 0x5EED_C217  # part of the data format: changing it changes every bucket
 
 U64 = np.uint64
+MAX_DIGITS = 18  # longer integer fields are malformed (10^18 is far beyond any count)
 # BYTE_MASK[L] keeps the first L bytes (little-endian: the low bytes) of a gathered word.
 BYTE_MASK = np.array([(1 << (8 * L)) - 1 for L in range(8)] + [2**64 - 1], dtype=U64)
 
@@ -91,7 +92,9 @@ def parse_int_fields(block, words, starts, lens):
     """Decimal integers (optional leading '-') at byte offsets `starts`, lengths `lens`.
     Returns (float64 values with NaN where empty, bool ok). Up to 8 digits: SWAR, i.e. the
     word's digits are right-aligned with '0' padding and combined pairwise in 3 multiplies.
-    Longer numbers (rare) take a per-digit loop over just those fields."""
+    9-18 digits (rare) take a per-digit loop over just those fields. More than MAX_DIGITS
+    digits is not a count any more (a 400-digit number would overflow float64 to inf and poison
+    the statistics): such a field does not parse, and its row is a bad row."""
     neg = (lens > 0) & (block[starts] == ord("-"))
     s, n = starts + neg, lens - neg
     w = words[s] & BYTE_MASK[np.minimum(n, 8)]
@@ -104,8 +107,9 @@ def parse_int_fields(block, words, starts, lens):
     w = ((w & U64(0x00FF00FF00FF00FF)) * U64(6553601)) >> U64(16)
     w = ((w & U64(0x0000FFFF0000FFFF)) * U64(42949672960001)) >> U64(32)
     values = w.astype(np.float64)
-    long = np.flatnonzero(n > 8)
-    if len(long):  # "a huge integer is valid": float64 keeps its magnitude
+    ok &= n <= MAX_DIGITS
+    long = np.flatnonzero((n > 8) & (n <= MAX_DIGITS))
+    if len(long):  # a large integer is valid: float64 keeps its magnitude
         acc, ok_long = np.zeros(len(long)), np.ones(len(long), bool)
         for k in range(int(n[long].max())):
             active = n[long] > k
@@ -148,7 +152,10 @@ def parse_block(block, n_labels=1):
     nl_at = np.flatnonzero(is_nl)  # index into seps of each line's newline
     fields_per_line = np.diff(nl_at, prepend=-1)
     line_start = np.concatenate([[0], seps[nl_at[:-1]] + 1])
-    blank = (fields_per_line == 1) & (seps[nl_at] == line_start)
+    line_len = seps[nl_at] - line_start
+    # a blank line is empty, or holds only the '\r' of a CRLF line ending
+    blank = (fields_per_line == 1) & ((line_len == 0) |
+                                      ((line_len == 1) & (block[line_start] == 13)))
     good = fields_per_line == n_cols
     bad = [(int(i), f"expected {n_cols} fields, got {int(fields_per_line[i])}")
            for i in np.flatnonzero(~good & ~blank)[:5]]
@@ -162,6 +169,9 @@ def parse_block(block, n_labels=1):
     starts[:, 0] = line_start[good_lines]
     starts[:, 1:] = ends[:, :-1] + 1
     lens = ends - starts
+    # CRLF files: the '\r' before a newline belongs to the line ending, not to the last field
+    # (else every C26 value would hash differently from the same value in an LF file)
+    lens[:, -1] -= block[ends[:, -1] - 1] == 13
     words = words_view(block)
 
     row_ok = np.ones(len(ends), bool)
@@ -177,7 +187,7 @@ def parse_block(block, n_labels=1):
     d = slice(n_labels, n_labels + N_DENSE)
     dense_raw, int_ok = parse_int_fields(block, words, starts[:, d].ravel(), lens[:, d].ravel())
     int_ok = int_ok.reshape(-1, N_DENSE).all(1)
-    why[~int_ok & row_ok] = "an integer field does not parse"
+    why[~int_ok & row_ok] = f"an integer field does not parse (not 0-9, or > {MAX_DIGITS} digits)"
     row_ok &= int_ok
     hashes = hash_fields(block, words, starts[:, n_labels + N_DENSE:],
                          lens[:, n_labels + N_DENSE:])
@@ -209,6 +219,7 @@ def transform_dense(dense_raw, stats=None, missing_indicator=False):
 
 # ------------------------------------------------------------------------------------ reading
 def check_path(path):
+    """The path of a readable, non-empty file, or CriteoFormatError saying what is wrong."""
     path = Path(path)
     if not path.exists():
         raise CriteoFormatError(f"{path}: file not found (make one with "
@@ -216,13 +227,39 @@ def check_path(path):
     if path.is_dir():
         raise CriteoFormatError(f"{path}: is a directory; pass the data files in it "
                                 "(e.g. train.txt), not the folder")
+    if not os.access(path, os.R_OK):
+        raise CriteoFormatError(f"{path}: no permission to read it; `chmod a+r {path}` or run "
+                                "as its owner")
     if path.stat().st_size == 0:
         raise CriteoFormatError(f"{path}: file is empty")
     return path
 
 
+def check_paths(paths):
+    """check_path for each, and no file twice (each would be read twice per pass)."""
+    paths = [check_path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    seen = {}
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            raise CriteoFormatError(f"{p}: given twice (as {seen[key]} too); each file is read "
+                                    "once per pass - remove the duplicate")
+        seen[key] = p
+    return paths
+
+
+def open_binary(path):
+    """open(path, 'rb') with a permission problem as one line (os.access can say yes to root
+    where a network file system says no)."""
+    try:
+        return open(path, "rb")
+    except PermissionError:
+        raise CriteoFormatError(f"{path}: no permission to read it; `chmod a+r {path}` or run "
+                                "as its owner") from None
+
+
 def is_gzip(path):
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         return f.read(2) == b"\x1f\x8b"
 
 
@@ -239,7 +276,7 @@ def iter_blocks(path, chunk_bytes, shard=0, n_shards=1):
         return
     size = os.path.getsize(path)
     begin, end = size * shard // n_shards, size * (shard + 1) // n_shards
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         if begin > 0:  # skip the line that started in the previous shard
             f.seek(begin - 1)
             f.readline()
@@ -310,23 +347,29 @@ class CriteoStream(torch.utils.data.IterableDataset):
 
     Use with DataLoader(stream, batch_size=None, num_workers=k): each worker (and each DDP rank)
     reads a disjoint share. Memory is bounded by chunk_bytes (+ shuffle_buffer rows) per worker.
+    Bad rows are skipped and counted per file in .stats (after a single-process pass); with
+    report=True each shard also yields its counts as a last item, a dict that iter_batches()
+    collects - the only way counts made in a worker process reach the training process.
     """
 
     def __init__(self, paths, batch_size, hash_bits=20, dense_stats=None, n_labels=1,
                  chunk_bytes=1 << 20, shuffle_buffer=0, seed=0, drop_last=False,
-                 max_bad_fraction=0.01, missing_indicator=False, verbose=True, group=1):
+                 max_bad_fraction=0.01, missing_indicator=False, group=1, report=False):
         super().__init__()
-        self.paths = [check_path(p) for p in ([paths] if isinstance(paths, (str, Path))
-                                              else paths)]
+        self.paths = check_paths(paths)
         if not 1 <= hash_bits <= 40:
             raise ValueError("hash_bits must be in [1, 40]")
+        if batch_size < 1 or chunk_bytes < 1 or group < 1 or shuffle_buffer < 0:
+            raise ValueError("batch_size, chunk_bytes and group must be >= 1, shuffle_buffer >= 0")
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError("max_bad_fraction must be in [0, 1]")
         if isinstance(dense_stats, (str, Path)):
-            dense_stats = json.loads(Path(dense_stats).read_text())
+            dense_stats = load_stats(dense_stats)
         self.batch_size, self.hash_bits, self.dense_stats = batch_size, hash_bits, dense_stats
         self.n_labels, self.chunk_bytes = n_labels, chunk_bytes
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
         self.drop_last, self.max_bad_fraction = drop_last, max_bad_fraction
-        self.missing_indicator, self.verbose = missing_indicator, verbose
+        self.missing_indicator, self.report = missing_indicator, report
         # group > 1: each item carries `group` batches stacked, split again by iter_batches()
         # in the consuming process - one transfer between processes instead of `group`
         self.group = group
@@ -338,7 +381,10 @@ class CriteoStream(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def _parsed_chunks(self, shard, n_shards):
-        """Parsed blocks as numpy arrays, with the bad-row bookkeeping per file."""
+        """Parsed blocks as numpy arrays, with the bad-row bookkeeping per file. The share of
+        bad rows is checked as the file is read (from 1,000 rows on, so a few bad rows at the
+        start do not stop a run) and exactly at the end of the file (a 500-row file with 2% bad
+        rows fails too)."""
         for path in self.paths:
             counts = {"rows": 0, "bad_rows": 0, "first_bad": []}
             self.stats["files"][str(path)] = counts
@@ -352,19 +398,21 @@ class CriteoStream(torch.utils.data.IterableDataset):
                         where = (f"line {line_no + i}" if line_no is not None else
                                  f"line {i + 1} after byte {offset}")
                         counts["first_bad"].append(f"{where}: {why}")
-                seen = counts["rows"] + counts["bad_rows"]
-                if counts["bad_rows"] > self.max_bad_fraction * max(seen, 1000):
-                    raise CriteoFormatError(
-                        f"{path}: {counts['bad_rows']} of {seen} rows malformed (more than "
-                        f"{self.max_bad_fraction:.0%}); first: {'; '.join(counts['first_bad'])}."
-                        f" Is it a Criteo file with {self.n_labels} label column(s)? "
-                        "(--no-label for test.txt)")
+                self._check_bad_share(path, counts, 1000, shard, n_shards)
                 yield p
+            self._check_bad_share(path, counts, 0, shard, n_shards)
             self.stats["rows"] += counts["rows"]
             self.stats["bad_rows"] += counts["bad_rows"]
-            if counts["bad_rows"] and self.verbose:
-                print(f"{path}: skipped {counts['bad_rows']} malformed rows "
-                      f"({'; '.join(counts['first_bad'])})", file=sys.stderr)
+
+    def _check_bad_share(self, path, counts, floor, shard, n_shards):
+        seen = counts["rows"] + counts["bad_rows"]
+        if counts["bad_rows"] > self.max_bad_fraction * max(seen, floor):
+            share = (f" (in the share of the file read by shard {shard + 1} of {n_shards})"
+                     if n_shards > 1 else "")
+            raise CriteoFormatError(
+                f"{path}: {counts['bad_rows']} of {seen} rows malformed{share}, more than "
+                f"{self.max_bad_fraction:.0%}; first: {'; '.join(counts['first_bad'])}. Is it a "
+                f"Criteo file with {self.n_labels} label column(s)? (--no-label for test.txt)")
 
     def _to_arrays(self, p):
         dense = transform_dense(p["dense_raw"], self.dense_stats, self.missing_indicator)
@@ -401,6 +449,8 @@ class CriteoStream(torch.utils.data.IterableDataset):
             stop = n_rows // self.batch_size * self.batch_size if self.drop_last else n_rows
             for i in range(0, stop, emit):
                 yield self._batch(pending, i, min(i + emit, stop))
+        if self.report:
+            yield {"shard": shard, "n_shards": n_shards, "files": self.stats["files"]}
 
     def _batch(self, arrays, i, j):
         dense, sparse, label = (torch.from_numpy(np.ascontiguousarray(a[i:j])) for a in arrays)
@@ -409,26 +459,97 @@ class CriteoStream(torch.utils.data.IterableDataset):
         return dense, sparse, label
 
 
-def iter_batches(loader, batch_size):
+def iter_batches(loader, batch_size, reports=None):
     """Batches of batch_size rows from items of group * batch_size rows (views, no copy).
     Handing a worker's batches over costs a shared-memory segment per tensor; at batch 4096
-    that alone capped a DataLoader at ~0.2-0.3M rows/s here, grouping 8 batches at ~1M."""
-    for dense, sparse, label in loader:
-        if len(dense) <= batch_size:
-            yield dense, sparse, label
-        else:
-            yield from zip(dense.split(batch_size), sparse.split(batch_size),
-                           label.split(batch_size))
+    that alone capped a DataLoader at ~0.2-0.3M rows/s here, grouping 8 batches at ~1M.
+    Bad-row reports (CriteoStream(report=True)) are appended to `reports`, not yielded. An
+    error raised in a worker process arrives wrapped in the worker's traceback: it is raised
+    again as the loader's own one-line message."""
+    try:
+        for item in loader:
+            if isinstance(item, dict):
+                if reports is not None:
+                    reports.append(item)
+                continue
+            dense, sparse, label = item
+            if len(dense) <= batch_size:
+                yield dense, sparse, label
+            else:
+                yield from zip(dense.split(batch_size), sparse.split(batch_size),
+                               label.split(batch_size))
+    except (CriteoFormatError, OSError) as e:
+        raise CriteoFormatError(one_line(e)) from None
+
+
+def one_line(error):
+    """The message of an error, without the worker traceback a DataLoader wraps around it."""
+    lines = [x for x in str(error).strip().splitlines() if x.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    for prefix in ("CriteoFormatError: ", "Error: "):
+        if prefix in last and "Original Traceback" in str(error):
+            last = last.split(prefix, 1)[1]
+    return last
+
+
+def merge_reports(reports):
+    """Per-file bad-row counts summed over the shards' reports."""
+    files = {}
+    for r in reports:
+        for path, c in r["files"].items():
+            f = files.setdefault(path, {"rows": 0, "bad_rows": 0, "first_bad": []})
+            f["rows"] += c["rows"]
+            f["bad_rows"] += c["bad_rows"]
+            f["first_bad"] = (f["first_bad"] + c["first_bad"])[:5]
+    return files
+
+
+def describe_bad_rows(files):
+    """One line per file with skipped rows (empty when there were none)."""
+    return [f"{path}: skipped {c['bad_rows']:,} malformed rows of {c['rows'] + c['bad_rows']:,}"
+            f" (first: {'; '.join(c['first_bad'])})"
+            for path, c in files.items() if c["bad_rows"]]
 
 
 # ----------------------------------------------------------------------------- dense statistics
+def scan(paths, n_labels=1, max_bad_fraction=0.01, stop_after=None):
+    """Read files once without training on them: rows, bad-row counts per file and positives
+    per label column. stop_after=N stops after N rows (a quick look at the first block)."""
+    stream = CriteoStream(paths, 1 << 16, n_labels=n_labels, max_bad_fraction=max_bad_fraction)
+    rows, positives = 0, np.zeros(max(n_labels, 1))
+    for _, _, label in stream:
+        rows += len(label)
+        positives[:n_labels] += label.reshape(len(label), -1).sum(0).numpy()
+        if stop_after and rows >= stop_after:
+            break
+    return {"rows": rows, "positives": positives[:n_labels].tolist(),
+            "files": stream.stats["files"]}
+
+
+def fingerprint(path):
+    """What identifies a file's content cheaply: its size and the md5 of its first and last
+    MiB (a regenerated or appended file changes one of them; reading 2 MiB takes a moment)."""
+    size = os.path.getsize(path)
+    h = hashlib.md5()
+    with open_binary(path) as f:
+        h.update(f.read(1 << 20))
+        if size > 1 << 20:
+            f.seek(max(size - (1 << 20), 1 << 20))
+            h.update(f.read())
+    return {"path": str(path), "size": size, "md5_head_tail": h.hexdigest()}
+
+
 def fit_stats(paths, max_rows=2_000_000, n_labels=1, chunk_bytes=8 << 20):
     """One pass over (the first max_rows of) train: mean/std of log1p(max(x, 0)) per dense
-    column over the non-missing values, plus each column's missing rate."""
+    column over the non-missing values, plus each column's missing rate. Records the
+    fingerprint of every file it read, so stale statistics can be told apart (load_stats)."""
     s1, s2 = np.zeros(N_DENSE), np.zeros(N_DENSE)
     count, missing, rows = np.zeros(N_DENSE), np.zeros(N_DENSE), 0
+    paths = check_paths(paths)
     for path in paths:
-        for _, _, raw in iter_blocks(check_path(path), chunk_bytes):
+        if rows >= max_rows:
+            break
+        for _, _, raw in iter_blocks(path, chunk_bytes):
             p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
             x = p["dense_raw"][: max_rows - rows]
             present = ~np.isnan(x)
@@ -438,11 +559,48 @@ def fit_stats(paths, max_rows=2_000_000, n_labels=1, chunk_bytes=8 << 20):
             rows += len(x)
             if rows >= max_rows:
                 break
+    if rows == 0:
+        raise CriteoFormatError(f"{paths[0]}: no data rows (blank or malformed lines only); "
+                                "nothing to fit statistics on")
     mean = s1 / np.maximum(count, 1)
     std = np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean ** 2, 0)) + 1e-6
     return {"rows": rows, "transform": "log1p(max(x, 0))", "mean": mean.tolist(),
             "std": std.tolist(), "missing_rate": (missing / max(rows, 1)).tolist(),
-            "files": [str(p) for p in paths]}
+            "files": [str(p) for p in paths], "n_labels": n_labels,
+            "sources": [fingerprint(p) for p in paths]}
+
+
+def load_stats(path, train_files=None):
+    """Dense statistics from a fit_stats JSON, checked: 13 finite means and positive stds. With
+    train_files, also that they were fitted on exactly these files as they are now (size and
+    head/tail checksum); StaleStats when not."""
+    path = Path(path)
+    try:
+        stats = json.loads(path.read_text())
+        mean, std = np.asarray(stats["mean"], float), np.asarray(stats["std"], float)
+        ok = mean.shape == std.shape == (N_DENSE,) and np.isfinite(mean).all() and \
+            np.isfinite(std).all() and (std > 0).all()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CriteoFormatError(f"{path}: not a statistics file of 02_dataloader.py --fit-stats "
+                                f"({type(e).__name__}: {e}); delete it and fit again") from None
+    if not ok:
+        raise CriteoFormatError(f"{path}: needs 13 finite means and positive stds; delete it "
+                                "and fit again with 02_dataloader.py --fit-stats")
+    if train_files is not None:
+        now = [fingerprint(p) for p in check_paths(train_files)]
+        before = stats.get("sources")
+        if before is None or [(s["size"], s["md5_head_tail"]) for s in before] != \
+                [(s["size"], s["md5_head_tail"]) for s in now]:
+            was = ("no record of the files it was fitted on" if before is None else
+                   f"fitted on {', '.join(s['path'] for s in before)} as they were then "
+                   f"({', '.join(str(s['size']) for s in before)} bytes)")
+            files_now = ", ".join(f"{s['path']} ({s['size']} bytes)" for s in now)
+            raise StaleStats(f"{path}: {was}; the train file(s) now: {files_now}")
+    return stats
+
+
+class StaleStats(CriteoFormatError):
+    """Statistics fitted on other data than the train file(s) now on disk."""
 
 
 
@@ -466,6 +624,56 @@ def collision_report(paths, hash_bits, n_labels=1, max_rows=None):
             "values_sharing_a_bucket": float(1 - len(buckets) / max(len(values), 1))}
 
 
+# ------------------------------------------------------------------- writing a data set folder
+class DatasetWriter:
+    """A data set folder (train/val/test.txt + whatever goes with them) written as a whole:
+    every file goes into a temporary sibling folder, and commit() swaps it in for the old one.
+    A run killed at any moment leaves the old folder complete (or, between the two renames of
+    the swap, no folder) - never new splits next to old ones; its temporary folder is removed
+    by the next run. Refuses to replace a folder that is not a data set (no meta.json)."""
+    NAMES = ["train", "val", "test"]
+
+    def __init__(self, out_dir):
+        self.final = Path(out_dir)
+        if self.final.exists() and not self.final.is_dir():
+            raise CriteoFormatError(f"{self.final}: is a file; --out-dir must be a folder")
+        if self.final.is_dir() and any(self.final.iterdir()) and \
+                not (self.final / "meta.json").is_file():
+            raise CriteoFormatError(f"{self.final}: is not empty and is not a data set folder "
+                                    "made by 01_make_subset.py (no meta.json); choose another "
+                                    "--out-dir")
+        for stale in self.final.parent.glob(f".{self.final.name}.*-*"):  # killed earlier runs
+            if stale.is_dir() and stale.name.split(".")[-1].split("-")[0] in ("tmp", "old"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.folder = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+        try:
+            self.folder.mkdir(parents=True)
+        except OSError as e:
+            raise CriteoFormatError(f"{self.final}: cannot write there ({e.strerror}); choose "
+                                    "another --out-dir") from None
+        self.files = [open(self.folder / f"{s}.txt", "wb") for s in self.NAMES]
+        self.rows = [0, 0, 0]
+        self.positives = [0, 0, 0]
+
+    def write(self, split, data, positives):
+        self.files[split].write(data)
+        self.positives[split] += positives
+
+    def close_splits(self):
+        for f in self.files:
+            f.close()
+
+    def commit(self):
+        """Swap the finished folder in: old -> .old-PID, new -> final, then remove the old."""
+        self.close_splits()
+        old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.folder, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+
 # ---------------------------------------------------------------------------- binary cache
 # Parse once, train many times (chapter 05_binary_cache.py): what CriteoStream yields, stored
 # as three raw fixed-width arrays plus a meta.json with the settings they depend on.
@@ -480,21 +688,23 @@ def write_cache(files, out, hash_bits=20, stats=None, n_labels=1, workers=2, pro
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dense_stats = json.loads(Path(stats).read_text()) if stats else None
-    stream = CriteoStream(files, 32768, hash_bits, dense_stats, n_labels=n_labels,
-                          verbose=False)
+    files = check_paths(files)
+    dense_stats = load_stats(stats) if stats else None
+    stream = CriteoStream(files, 32768, hash_bits, dense_stats, n_labels=n_labels)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
     sinks = {name: open(tmp / f"{name}.bin", "wb") for name in COLUMNS}
     rows, t0 = 0, time.perf_counter()
     try:
         with tqdm(unit=" rows", unit_scale=True, desc="caching", disable=not progress) as bar:
-            for dense, sparse, label in loader:
+            for dense, sparse, label in iter_batches(loader, 32768):
                 arrays = {"dense": dense, "sparse": sparse.to(torch.int32),
                           "label": label if label.dim() == 2 else label[:, None]}
                 for name, a in arrays.items():
                     sinks[name].write(a.numpy().astype(COLUMNS[name], copy=False).tobytes())
                 rows += len(dense)
                 bar.update(len(dense))
+        if rows == 0:
+            raise CriteoFormatError(f"{files[0]}: no data rows (blank or malformed lines only)")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing behind
         raise
@@ -503,7 +713,10 @@ def write_cache(files, out, hash_bits=20, stats=None, n_labels=1, workers=2, pro
             f.close()
     meta = {"script": "stage2_ctr/05_binary_cache.py", "rows": rows,
             "sources": [str(f) for f in files], "hash_bits": hash_bits,
+            "source_fingerprints": [fingerprint(f) for f in files],
             "dense_stats": str(stats) if stats else None, "n_labels": n_labels,
+            "dense_stats_values": ({k: dense_stats[k] for k in ("mean", "std")}
+                                   if dense_stats else None),
             "widths": {"dense": int(dense.shape[1]) if rows else 13, "sparse": 26,
                        "label": n_labels},
             "dtypes": {k: np.dtype(v).name for k, v in COLUMNS.items()},
@@ -543,6 +756,13 @@ class BinaryStream(torch.utils.data.IterableDataset):
                                         f"{self.rows:,} rows x {width} "
                                         f"{np.dtype(dtype).name}; rebuild the cache")
             self.paths[name] = (path, dtype, width)
+        for before in self.meta.get("source_fingerprints", []):  # a source that changed since
+            source = Path(before["path"])
+            if source.is_file() and fingerprint(source) != before:
+                raise CriteoFormatError(
+                    f"{folder}: made from {source} as it was then ({before['size']:,} bytes); "
+                    "that file has changed since: rebuild the cache with python "
+                    f"stage2_ctr/05_binary_cache.py {source} --out {folder}")
 
     def set_epoch(self, epoch):
         self.epoch = epoch

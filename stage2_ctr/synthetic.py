@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
+from stage2_ctr.criteo import DatasetWriter  # noqa: E402
 
 N_DENSE, N_SPARSE = 13, 26
 U64 = np.uint64
@@ -317,27 +318,6 @@ def split_of(rng, n, start, total, split, val_frac, test_frac):
     return ((idx >= val_start).astype(np.int8) + (idx >= test_start)).astype(np.int8)
 
 
-class SplitWriter:
-    """Three output files written as .tmp and renamed at the end (atomic)."""
-    NAMES = ["train", "val", "test"]
-
-    def __init__(self, out_dir):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.files = [open(self.out_dir / f"{s}.txt.tmp", "wb") for s in self.NAMES]
-        self.rows = [0, 0, 0]
-        self.positives = [0, 0, 0]
-
-    def write(self, split, data, positives):
-        self.files[split].write(data)
-        self.positives[split] += positives
-
-    def close(self):
-        for f, s in zip(self.files, self.NAMES):
-            f.close()
-            os.replace(self.out_dir / f"{s}.txt.tmp", self.out_dir / f"{s}.txt")
-
-
 # ---------------------------------------------------------------------------------- synthetic
 _GENERATOR = None  # set before the worker pool forks, so workers share its tables
 
@@ -350,7 +330,7 @@ def synthetic_segment(task):
     segment, chunks, out_dir = task
     gen = _GENERATOR
     files = [open(Path(out_dir) / f"{name}.txt.seg{segment:05d}", "wb")
-             for name in SplitWriter.NAMES]
+             for name in DatasetWriter.NAMES]
     keep = {s: {"labels": [], "oracle": [], "first": []} for s in range(3)}
     for index, start, n in chunks:
         c = gen.chunk(index, n)
@@ -396,15 +376,15 @@ def make_synthetic(cfg, out_dir):
     global _GENERATOR
     t0 = time.perf_counter()
     gen = _GENERATOR = Generator(cfg)
-    writer = SplitWriter(out_dir)
+    writer = DatasetWriter(out_dir)  # everything goes to a temporary folder, swapped in at the end
     arrays = generate_into(gen, cfg, writer)
-    writer.close()
+    writer.close_splits()
     seconds = time.perf_counter() - t0
     report = {}
-    for s, name in enumerate(SplitWriter.NAMES):
+    for s, name in enumerate(DatasetWriter.NAMES):
         if arrays[s]["labels"]:
             a = {k: np.concatenate(v) for k, v in arrays[s].items()}
-            common.save_npy(Path(out_dir) / f"{name}.oracle.npy",
+            common.save_npy(writer.folder / f"{name}.oracle.npy",
                             a["oracle"][:, 0] if cfg.tasks == 1 else a["oracle"])
             report[name] = score_oracle(a["labels"].astype(np.float32), a["oracle"], a["first"])
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "synthetic",
@@ -416,7 +396,8 @@ def make_synthetic(cfg, out_dir):
                           "triples": [[f"C{f + 1}" for f in t] for t in gen.model.triples],
                           "bias": gen.bias, "signal_std": gen.signal_std, "k": gen.model.k},
             "splits": report, "rows_per_s": cfg.rows / seconds, "seconds": seconds}
-    common.write_json(Path(out_dir) / "meta.json", meta)
+    common.write_json(writer.folder / "meta.json", meta)
+    writer.commit()
     return meta
 
 
@@ -430,7 +411,7 @@ def generate_into(gen, cfg, writer):
     chunks = [(i, start, min(cfg.chunk_rows, cfg.rows - start))
               for i, start in enumerate(range(0, cfg.rows, cfg.chunk_rows))]
     per_segment = max(1, min(16, len(chunks) // (4 * cfg.workers)))
-    segments = [(k, chunks[i:i + per_segment], str(writer.out_dir))
+    segments = [(k, chunks[i:i + per_segment], str(writer.folder))
                 for k, i in enumerate(range(0, len(chunks), per_segment))]
     workers = max(1, min(cfg.workers, len(segments)))
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
@@ -444,8 +425,8 @@ def generate_into(gen, cfg, writer):
             bar.update(n)
             while next_segment in done:
                 arrays = done.pop(next_segment)
-                for s, name in enumerate(SplitWriter.NAMES):
-                    part = writer.out_dir / f"{name}.txt.seg{next_segment:05d}"
+                for s, name in enumerate(DatasetWriter.NAMES):
+                    part = writer.folder / f"{name}.txt.seg{next_segment:05d}"
                     with open(part, "rb") as f:
                         append_file(f, writer.files[s])
                     part.unlink()

@@ -18,7 +18,6 @@ Writes: runs/<name>/metrics.json (with the config), curves.png, best.pt (best on
 Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,11 +32,10 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from stage2_ctr import criteo  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
-from stage2_ctr.training import make_optimizers, make_step, predict  # noqa: E402
+from stage2_ctr.training import (TrainError, check_inputs, dense_stats, evaluate,  # noqa: E402
+                                 load_last, make_optimizers, make_step, oracle_scores, save_last)
 
 DATA = Path(__file__).resolve().parent / "data" / "synthetic"
-
-
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class TrainConfig:
@@ -59,6 +57,7 @@ class TrainConfig:
     cross_layers: int = 3
     dropout: float = 0.0
     weight_decay: float = 0.0   # dense parameters only (AdamW; see training.make_optimizers)
+    decoupled_wd: bool = True   # False: Adam with L2 in the gradient (for the comparison only)
     sparse_emb: str = "auto"    # sparse gradients + RowSparseAdam for the tables (auto: CPU)
     compile: bool = False
     num_workers: int = 1
@@ -99,6 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=common.probability, default=d.dropout)
     p.add_argument("--weight-decay", type=common.non_negative_float, default=d.weight_decay,
                    help="AdamW weight decay of the dense parameters")
+    p.add_argument("--l2", dest="decoupled_wd", action="store_false",
+                   help="Adam with L2 in the gradient instead of AdamW (to compare the two)")
     p.add_argument("--sparse-emb", choices=["auto", "on", "off"], default=d.sparse_emb,
                    help="sparse gradients + RowSparseAdam for the tables (auto: on for CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -140,17 +141,6 @@ def setup_distributed(device_name):
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
-def dense_stats(stats_path, train_files, rank):
-    """The train split's dense statistics: read, or fitted once by rank 0 and written next to
-    the (first) train file."""
-    path = Path(stats_path or str(train_files[0]) + ".stats.json")
-    if rank == 0 and not path.exists():
-        common.write_json(path, criteo.fit_stats(train_files, 1_000_000))
-    if dist.is_initialized():
-        dist.barrier()
-    return json.loads(path.read_text())
-
-
 def build(cfg, device):
     """The model (sparse tables on CPU by default), its optimizers, the module to train
     (compiled and/or DDP-wrapped) and whether the tables are sparse."""
@@ -158,7 +148,7 @@ def build(cfg, device):
     model = build_model(cfg.model, criteo_schema(cfg.hash_bits), emb_dim=cfg.emb_dim,
                         mlp=cfg.mlp, dropout=cfg.dropout, cross_layers=cfg.cross_layers,
                         sparse=sparse).to(device)
-    optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay)
+    optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay, cfg.decoupled_wd)
     train_model = torch.compile(model) if cfg.compile else model
     if dist.is_initialized():
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -166,7 +156,7 @@ def build(cfg, device):
     return model, optimizers, train_model, sparse
 
 
-def epoch_batches(stream, epoch, num_workers, batch_size, seed, device):
+def epoch_batches(stream, epoch, num_workers, batch_size, seed, device, reports):
     """The epoch's batches with whether each is the last one (a one-batch lookahead), so the
     loop can evaluate at the end of an epoch from one call site. The DataLoader gets its own
     generator: creating the iterator must not draw from the global RNG that dropout uses, or a
@@ -175,7 +165,7 @@ def epoch_batches(stream, epoch, num_workers, batch_size, seed, device):
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                          pin_memory=device.type == "cuda",
                                          generator=torch.Generator().manual_seed(seed))
-    it = criteo.iter_batches(loader, batch_size)
+    it = criteo.iter_batches(loader, batch_size, reports)
     batch = next(it, None)
     while batch is not None:
         following = next(it, None)
@@ -183,46 +173,53 @@ def epoch_batches(stream, epoch, num_workers, batch_size, seed, device):
         batch = following
 
 
-# ---------------------------------------------------------------------------- evaluate, save
-def evaluate(model, stream, device):
-    """AUC and LogLoss over a whole split (with DDP: each rank its shard, then gathered)."""
-    p, y = predict(model, stream, device)
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (p, y))
-        p = torch.cat([torch.from_numpy(g[0]) for g in gathered]).numpy()
-        y = torch.cat([torch.from_numpy(g[1]) for g in gathered]).numpy()
-    return common.auc_logloss(y, p)
-
-
-def oracle_scores(files):
-    """On synthetic data 01_make_subset.py wrote the oracle's scores into meta.json."""
-    meta_path = Path(files[0]).parent / "meta.json"
-    split = Path(files[0]).name.split(".")[0]
-    if len(files) != 1 or not meta_path.exists():
-        return None
-    r = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
-    if "oracle_auc" not in r:
-        return None
-    return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
-
-
-def save_last(path, model, optimizers, state, cfg):
-    common.torch_save({"model": model.state_dict(), "state": state,
-                       "rng": torch.get_rng_state(), "config": asdict(cfg),
-                       "optimizers": [o.state_dict() for o in optimizers]}, path)
-
-
-def load_last(path, model, optimizers, device):
-    ckpt = torch.load(path, weights_only=True, map_location=device)
-    model.load_state_dict(ckpt["model"])
-    for opt, sd in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(sd)
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["state"]
-
-
 # ------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """What one training run holds: its data, model, optimizers, folder and loop state."""
+    train_stream: criteo.CriteoStream
+    val_stream: criteo.CriteoStream
+    test_stream: criteo.CriteoStream
+    model: torch.nn.Module
+    optimizers: list
+    step: object        # training.make_step: (dense, sparse, label) -> loss on the device
+    run_dir: Path
+    state: dict         # what last.pt carries: step, epoch, best, history, ...
+    bad_rows: dict      # per split: per-file counts of the rows the loader skipped
+
+
+def prepare(cfg, resume, rank, world, device, say):
+    """Data (every input checked first), model, optimizers, run folder and the state to start
+    from (a fresh one, or last.pt's with --resume)."""
+    bad_rows = check_inputs(cfg, say)
+    stats = dense_stats(cfg.stats, cfg.train, rank, say)
+    # the train stream: workers hand over 8 batches at a time and report their bad rows at
+    # the end of each pass
+    train_stream = criteo.CriteoStream(cfg.train, cfg.batch_size, cfg.hash_bits, stats,
+                                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                                       group=8 if cfg.num_workers else 1, report=True)
+    val_stream, test_stream = (criteo.CriteoStream(f, cfg.batch_size, cfg.hash_bits, stats)
+                               for f in (cfg.val, cfg.test))
+    model, optimizers, train_model, sparse = build(cfg, device)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        common.remove_stale_tmp(run_dir)  # half-written files of a killed run
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_auc": -1.0, "best_step": 0,
+             "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0,
+             "loss_sum": 0.0, "loss_n": 0}
+    if resume and (run_dir / "last.pt").exists():
+        state = load_last(run_dir / "last.pt", model, optimizers, device, cfg)
+        say(f"resumed from {run_dir / 'last.pt'} at step {state['step']}")
+    elif resume:
+        say(f"--resume: there is no {run_dir / 'last.pt'}; starting from scratch")
+    say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters | device "
+        f"{device} | world {world} | sparse tables {sparse} | batch {cfg.batch_size} | "
+        f"hash 2^{cfg.hash_bits}")
+    return Run(train_stream, val_stream, test_stream, model, optimizers,
+               make_step(train_model, optimizers), run_dir, state, bad_rows)
+
+
 def train(cfg, resume=False, quiet=False):
     """One training run; returns the metrics dict that it writes to runs/<name>/metrics.json."""
     t_start = time.perf_counter()
@@ -230,35 +227,18 @@ def train(cfg, resume=False, quiet=False):
     common.set_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     say = (lambda *a: None) if quiet or rank else tqdm.write
-
-    # data: the train stream (workers hand over 8 batches at a time), val/test streams
-    stats = dense_stats(cfg.stats, cfg.train, rank)
-    train_stream = criteo.CriteoStream(cfg.train, cfg.batch_size, cfg.hash_bits, stats,
-                                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                                       verbose=False, group=8 if cfg.num_workers else 1)
-    val_stream, test_stream = (criteo.CriteoStream(f, cfg.batch_size, cfg.hash_bits, stats,
-                                                   verbose=False) for f in (cfg.val, cfg.test))
-    # model, optimizers, the step
-    model, optimizers, train_model, sparse = build(cfg, device)
-    step = make_step(train_model, optimizers)
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_auc": -1.0, "best_step": 0,
-             "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0}
-    if resume and (run_dir / "last.pt").exists():
-        state = load_last(run_dir / "last.pt", model, optimizers, device)
-        say(f"resumed from {run_dir / 'last.pt'} at step {state['step']}")
-    say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters | device "
-        f"{device} | world {world} | sparse tables {sparse} | batch {cfg.batch_size} | "
-        f"hash 2^{cfg.hash_bits}")
+    run = prepare(cfg, resume, rank, world, device, say)
+    state, model, step, run_dir, bad_rows = (run.state, run.model, run.step, run.run_dir,
+                                             run.bad_rows)
 
     bar = tqdm(total=cfg.max_steps or None, initial=state["step"], unit=" step",
                disable=quiet or rank != 0)
-    stop, loss_sum, loss_n = False, torch.zeros((), dtype=torch.float64, device=device), 0
+    stop, loss_n = False, state["loss_n"]
+    loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64, device=device)
     while state["epoch"] < cfg.epochs and not stop:
-        t0 = time.perf_counter()
-        batches = epoch_batches(train_stream, state["epoch"], cfg.num_workers, cfg.batch_size,
-                                cfg.seed, device)
+        t0, reports = time.perf_counter(), []
+        batches = epoch_batches(run.train_stream, state["epoch"], cfg.num_workers,
+                                cfg.batch_size, cfg.seed, device, reports)
         for i, ((dense, sparse_ids, label), last) in enumerate(batches):
             if i < state["batches_in_epoch"]:
                 continue  # resume: the stream is deterministic, skip what already ran
@@ -274,24 +254,28 @@ def train(cfg, resume=False, quiet=False):
                 seconds = state["train_seconds"] + time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / loss_n:.4f}",
                                 samples_s=f"{state['samples'] / seconds:,.0f}")
-            if last:
+            if last:  # the epoch is over: its bad rows, counted by the loader workers
                 state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+                bad_rows["train"] = criteo.merge_reports(reports)
+                for line in criteo.describe_bad_rows(bad_rows["train"]):
+                    say(f"train, epoch {state['epoch']}: {line}")
             # evaluate and checkpoint: every eval_every steps, at each epoch end, at max_steps
             at_max = cfg.max_steps and state["step"] >= cfg.max_steps
             if last or at_max or (cfg.eval_every and state["step"] % cfg.eval_every == 0):
                 state["train_seconds"] += time.perf_counter() - t0
-                val = evaluate(model, val_stream, device)
+                val = evaluate(model, run.val_stream, device)
                 stop = record_eval(state, val, loss_sum.item() / max(loss_n, 1),
                                    cfg.patience, run_dir, model, rank, say) or bool(at_max)
                 loss_sum.zero_()
                 loss_n, t0 = 0, time.perf_counter()
             if rank == 0 and cfg.ckpt_every and (last or state["step"] % cfg.ckpt_every == 0):
-                save_last(run_dir / "last.pt", model, optimizers, state, cfg)
+                state.update(loss_sum=loss_sum.item(), loss_n=loss_n)  # the running loss too
+                save_last(run_dir / "last.pt", model, run.optimizers, state, cfg)
             if stop:
                 break
     bar.close()
-    return finish(cfg, model, device, state, val_stream, test_stream, run_dir, rank, world,
-                  time.perf_counter() - t_start, quiet)
+    state["bad_rows"] = bad_rows
+    return finish(cfg, run, device, rank, world, time.perf_counter() - t_start, quiet)
 
 
 def record_eval(state, val, train_loss, patience, run_dir, model, rank, say):
@@ -309,14 +293,14 @@ def record_eval(state, val, train_loss, patience, run_dir, model, rank, say):
     return state["bad_evals"] >= patience
 
 
-def finish(cfg, model, device, state, val_stream, test_stream, run_dir, rank, world, wall_s,
-           quiet):
+def finish(cfg, run, device, rank, world, wall_s, quiet):
     """Test with the best checkpoint, write metrics.json and curves.png, print the report."""
+    model, state, run_dir = run.model, run.state, run.run_dir
     if (run_dir / "best.pt").exists():
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True,
                                          map_location=device))
-    splits = {"val": evaluate(model, val_stream, device),
-              "test": evaluate(model, test_stream, device)}
+    splits = {"val": evaluate(model, run.val_stream, device),
+              "test": evaluate(model, run.test_stream, device)}
     for name, files in [("val", cfg.val), ("test", cfg.test)]:
         oracle = oracle_scores(files)
         if oracle:
@@ -327,7 +311,7 @@ def finish(cfg, model, device, state, val_stream, test_stream, run_dir, rank, wo
                "dataset": Path(cfg.train[0]).parent.name, "device": str(device),
                "seed": cfg.seed, "world_size": world, "config": asdict(cfg), "splits": splits,
                "best_step": state["best_step"], "steps": state["step"],
-               "history": state["history"],
+               "history": state["history"], "bad_rows": state["bad_rows"],
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
                "peak_rss_mb": common.peak_rss_mb(),
@@ -365,14 +349,16 @@ def report(m, run_dir):
         o = s.get("oracle")
         print(f"{name:<6}{s['auc']:>8.4f}{s['logloss']:>9.4f}"
               + (f"{o['auc']:>12.4f}{s['auc_gap_to_oracle']:>8.4f}" if o else ""))
-    print(f"wrote {run_dir}/metrics.json, curves.png, best.pt")
+    written = [n for n in ["metrics.json", "curves.png", "best.pt", "last.pt"]
+               if (run_dir / n).exists()]
+    print(f"wrote {run_dir}/{{{', '.join(written)}}}")
 
 
 def main(argv=None):
     cfg, resume, quiet = parse_args(argv)
     try:
         return train(cfg, resume, quiet)
-    except criteo.CriteoFormatError as e:
+    except (criteo.CriteoFormatError, TrainError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -105,7 +105,7 @@ def load_criteo(path, n_labels=1, hash_bits=18, stats=None):
     ({"dense", "sparse"}, labels (N, T)) - fine for the few hundred MB these experiments use."""
     path = Path(path)
     stream = criteo.CriteoStream([path], 1 << 16, hash_bits, dense_stats=stats,
-                                 n_labels=n_labels, verbose=False)
+                                 n_labels=n_labels)
     parts = list(stream)
     dense, sparse, label = (torch.cat(p) for p in zip(*parts))
     return {"dense": dense, "sparse": sparse}, label.reshape(len(label), -1).float()

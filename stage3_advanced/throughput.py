@@ -105,7 +105,7 @@ def binary_only(folder, batch_size=4096):
 
 def loader_only(path, workers, batch_size=4096):
     """One full pass of the file through CriteoStream + DataLoader: rows/s."""
-    stream = criteo.CriteoStream([path], batch_size, group=8, verbose=False)
+    stream = criteo.CriteoStream([path], batch_size, group=8)
     it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
     rows, t0, worker_rss = 0, time.perf_counter(), 0.0
     with tqdm(unit=" rows", unit_scale=True, desc=f"loader, {workers} worker(s)") as bar:
@@ -122,7 +122,7 @@ def loader_only(path, workers, batch_size=4096):
 def preload(path, rows):
     """The first `rows` rows as tensors (the in-memory baseline)."""
     parts, n = [], 0
-    for part in criteo.CriteoStream([path], 65536, verbose=False):
+    for part in criteo.CriteoStream([path], 65536):
         parts.append(part)
         n += len(part[0])
         if n >= rows:
@@ -155,7 +155,7 @@ def train_measure(m, model_name, batch, source, device, path=None, mem=None, cac
     if source.startswith("loader"):
         # Workers start (fork) before the model exists: a forked child shares every page its
         # parent has at that moment, and Linux counts them in both RSS figures.
-        stream = criteo.CriteoStream([path], batch, group=max(1, 32768 // batch), verbose=False)
+        stream = criteo.CriteoStream([path], batch, group=max(1, 32768 // batch))
         it = iter(torch.utils.data.DataLoader(stream, batch_size=None,
                                               num_workers=int(source.split("-")[1]),
                                               pin_memory=device.type == "cuda"))
