@@ -17,13 +17,14 @@ PYTHON_BOOTSTRAP ?= python3
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 2
 
-.PHONY: help venv demo stage0 stage1 stage2 stage3 test clean
+.PHONY: help venv demo stage0 stage1 stage2 stage3 gpu test clean
 help:
 	@echo "make demo    run Stage 0 -> 1 -> 2 -> 3 (quick) on shipped/synthetic data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
-	@echo "make stage2  Stage 2 in full: loader and throughput benchmarks, model comparison (~80 min)"
+	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks (~100 min)"
 	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency (~60 min)"
+	@echo "make gpu     the prepared GPU run (stage3_advanced/07_gpu.py -> results/gpu.md; CUDA machines)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
 
 # The venv is (re)built when requirements.txt changes; a stamp file records the last install.
@@ -49,6 +50,7 @@ demo: venv stage0
 	$(PY) stage2_ctr/02_dataloader.py stage2_ctr/data/synthetic/train.txt --report-collisions
 	$(PY) stage2_ctr/train_ctr.py --model deepfm --epochs 2 --batch-size 2048 --lr 0.002 \
 	    --mlp 256,128 --threads $(THREADS)
+	$(PY) stage2_ctr/05_movielens.py --quick --threads $(THREADS)
 	@echo "== Stage 3: MMoE / PLE on Adult, inference latency vs batch size (quick modes) =="
 	$(PY) stage3_advanced/01_mtl_adult.py --quick --threads $(THREADS)
 	$(PY) stage3_advanced/06_latency.py --quick
@@ -65,10 +67,12 @@ stage2: venv
 	$(PY) stage2_ctr/01_make_subset.py --synthetic 2000000 --val-frac 0 --test-frac 0 \
 	    --out-dir stage2_ctr/data/bench2m
 	$(PY) stage2_ctr/03_compare_models.py
-	$(PY) stage2_ctr/04_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
-	$(PY) stage2_ctr/05_binary_cache.py stage2_ctr/data/bench2m/train.txt \
+	$(PY) stage2_ctr/04_can_an_mlp_multiply.py --threads $(THREADS)
+	$(PY) stage2_ctr/05_movielens.py --threads $(THREADS)
+	$(PY) stage2_ctr/06_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
+	$(PY) stage2_ctr/07_binary_cache.py stage2_ctr/data/bench2m/train.txt \
 	    --out stage2_ctr/data/bench2m/train.bin
-	$(PY) stage2_ctr/05_binary_cache.py --read stage2_ctr/data/bench2m/train.bin
+	$(PY) stage2_ctr/07_binary_cache.py --read stage2_ctr/data/bench2m/train.bin
 
 stage3: venv
 	$(PY) stage1_adult/02_preprocess.py
@@ -78,6 +82,9 @@ stage3: venv
 	$(PY) stage3_advanced/04_imbalance.py --make-data --threads $(THREADS)
 	$(PY) stage3_advanced/05_throughput.py --threads $(THREADS)
 	$(PY) stage3_advanced/06_latency.py
+
+gpu: venv
+	$(PY) stage3_advanced/07_gpu.py
 
 test: venv
 	$(PY) -m pytest -q tests

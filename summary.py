@@ -59,12 +59,15 @@ def stage2(runs, data):
         lines += [f"  {m['model']}: test AUC {t['auc']:.4f}, logloss {t['logloss']:.4f}{gap} | "
                   f"{m['train_samples_per_s']:,.0f} train samples/s on {m['device']}",
                   f"    {rel(path)}"]
-    for path in sorted(runs.glob("movielens*/metrics.json")):
-        m = read(path)
-        if m and "splits" in m:
-            t = m["splits"]["test"]
-            lines += [f"  MovieLens-100k {m['model']}: test AUC {t['auc']:.4f}, logloss "
-                      f"{t['logloss']:.4f}", f"    {rel(path)}"]
+    ml = read(runs / "stage2_movielens.json")
+    if ml:
+        for model, r in ml["results"].items():
+            for split, seeds in r["runs"].items():
+                auc = sum(s["test"]["auc"] for s in seeds) / len(seeds)
+                loss = sum(s["test"]["logloss"] for s in seeds) / len(seeds)
+                lines.append(f"  MovieLens-100k {model} ({split} split, {len(seeds)} seed(s)): "
+                             f"test AUC {auc:.4f}, logloss {loss:.4f}")
+        lines.append(f"    {rel(runs / 'stage2_movielens.json')}")
     return lines or ["  (no runs: python stage2_ctr/train_ctr.py)"]
 
 

@@ -60,7 +60,17 @@ def parse_args(argv=None):
                    help="synthetic, --tasks 2: correlation rho of the two tasks' signals")
     p.add_argument("--ctr2", type=float, default=d.ctr2, help="synthetic: second task's rate")
     p.add_argument("--strength", type=float, default=d.strength,
-                   help="synthetic: scale of the pairwise + third-order terms (0 = first order)")
+                   help="synthetic: scale of the planted interactions (0 = first order only)")
+    p.add_argument("--interactions", choices=synthetic.REGIMES, default=d.interactions,
+                   help="synthetic: what is planted beside first order: lowrank (FM-like pairs "
+                        "of rank 4 + three 3rd-order crosses), dot (k-dim dot products between "
+                        "four id fields of 300 equally frequent values, sparse side fields), "
+                        "fieldpair (a full-rank quadratic form, its own matrix per field pair)")
+    p.add_argument("--cross-rank", type=common.positive_int, default=d.cross_rank,
+                   help="synthetic, --interactions dot: k of the planted dot products")
+    p.add_argument("--side-missing", type=common.fraction, default=d.side_missing,
+                   help="synthetic, --interactions dot: share of rows in which each of the 22 "
+                        "side fields is missing (0: as informative as in the other regimes)")
     p.add_argument("--chunk-rows", type=common.positive_int, default=d.chunk_rows,
                    help="synthetic: rows per chunk (small chunks stay in the CPU cache)")
     p.add_argument("--workers", type=common.positive_int, default=min(os.cpu_count() or 1, 4),

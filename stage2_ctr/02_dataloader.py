@@ -10,7 +10,7 @@ Read with it: stage2_ctr/criteo.py (the parser, CriteoStream, the statistics), t
 Run:    python stage2_ctr/02_dataloader.py stage2_ctr/data/synthetic/train.txt [--num-workers 2]
         python stage2_ctr/02_dataloader.py --fit-stats stage2_ctr/data/synthetic/train.txt
         python stage2_ctr/02_dataloader.py FILE --report-collisions --hash-bits 18
-        (the loader against pandas and pyarrow: stage2_ctr/04_bench_throughput.py --loader)
+        (the loader against pandas and pyarrow: stage2_ctr/06_bench_throughput.py --parts loader)
 Writes: runs/dataloader/metrics.json (rows, rows/s, bad rows, collisions);
         --fit-stats: <file>.stats.json next to the file
 Time:   a few seconds for the 200k-row demo file.

@@ -1,4 +1,4 @@
-"""The harness of Stage 2's benchmark chapter (04_bench_throughput.py): the baselines and
+"""The harness of Stage 2's benchmark chapter (06_bench_throughput.py): the baselines and
 contenders it times, and how it times them. Nothing here is part of a lesson's code path.
 
 Loader benchmark: the same work (parse + log1p + hash to arrays) by pandas.read_csv, pyarrow's
@@ -24,7 +24,7 @@ import torch
 import common
 from stage2_ctr import criteo
 from stage2_ctr.models import build_model, criteo_schema
-from stage2_ctr.training import make_optimizers, make_step
+from stage2_ctr.training import autocast_for, make_optimizers, make_step
 
 N_DENSE, N_SPARSE, EMB, MLP = 13, 26, 16, (400, 400, 400)
 FIELD_VOCAB = 2 ** 20 // N_SPARSE  # per-field vocabulary for the libraries that need one
@@ -163,15 +163,15 @@ def timed_pass(step_fn, n_batches, rows_per_batch):
     return n_batches * rows_per_batch / (time.perf_counter() - t0)
 
 
-def ours(rows, b, table="row"):
-    """This project's DeepFM and step. table: 'row' (the trainer's default: RowSparseAdam +
-    fused AdamW), 'torch-sparse' (SparseAdam + unfused Adam), 'dense' (one AdamW over
-    everything, the table included)."""
+def ours(rows, b, table="row", name="deepfm", amp=None):
+    """This project's model (DeepFM unless `name`) and step. table: 'row' (the trainer's
+    default: RowSparseAdam + fused AdamW), 'torch-sparse' (SparseAdam + unfused Adam), 'dense'
+    (one AdamW over everything, the table included). amp: None (fp32) or torch.bfloat16."""
     dense, ids, label = (torch.from_numpy(a) for a in make_data(rows))
     # our loader yields ids already hashed into one shared 2^20 table: offset each field
     ids = ids + torch.arange(N_SPARSE) * FIELD_VOCAB
     torch.manual_seed(0)
-    model = build_model("deepfm", criteo_schema(20), emb_dim=EMB, mlp=MLP,
+    model = build_model(name, criteo_schema(20), emb_dim=EMB, mlp=MLP,
                         sparse=table != "dense")
     if table == "torch-sparse":
         tables = [model.embedding.table.weight, model.linear.weight.weight]
@@ -179,7 +179,7 @@ def ours(rows, b, table="row"):
         opts = [torch.optim.Adam(rest, lr=1e-3), torch.optim.SparseAdam(tables, lr=1e-3)]
     else:
         opts = make_optimizers(model, 1e-3)
-    step = make_step(model, opts)
+    step = make_step(model, opts, autocast=autocast_for(torch.device("cpu"), amp))
 
     def step_i(i):
         s = slice(i * b, (i + 1) * b)
@@ -214,6 +214,33 @@ def ours_from_disk(rows, b, path):
             raise SystemExit(f"{path}: too few rows for a timed pass at batch {b}")
         return n / (time.perf_counter() - t0)
     one_pass()  # warm-up (first-touch of the table, the page cache of the file)
+    return one_pass
+
+
+def ours_from_cache(rows, b, cache, preload=False):
+    """The default step fed from a binary cache folder (criteo.BinaryStream, read in this
+    process: nothing to parse), or with preload=True from the same rows loaded once into memory
+    and batched by a shuffled permutation (criteo.Preloaded, what `train_ctr.py --preload
+    device` does). Timed over the same number of rows as the in-memory contender."""
+    torch.manual_seed(0)
+    model = build_model("deepfm", criteo_schema(20), emb_dim=EMB, mlp=MLP, sparse=True)
+    step = make_step(model, make_optimizers(model, 1e-3))
+    if preload:
+        source = criteo.Preloaded(criteo.read_all(cache), b, "cpu", shuffle=True)
+    else:
+        source = criteo.BinaryStream(cache, b)
+
+    def one_pass():
+        t0, n = time.perf_counter(), 0
+        for k, (d, i, y) in enumerate(source):
+            step(d, i, y)
+            n += len(y)
+            if k + 1 >= rows // b:
+                break
+        if n == 0:
+            raise SystemExit(f"{cache}: too few rows for a timed pass at batch {b}")
+        return n / (time.perf_counter() - t0)
+    one_pass()  # warm-up (first-touch of the table, the page cache of the arrays)
     return one_pass
 
 
@@ -261,12 +288,30 @@ def deepctr(rows, b):
     return one_pass
 
 
-CONTENDERS = {"ours": lambda rows, b, path: ours(rows, b, "row"),
-              "ours, torch SparseAdam": lambda rows, b, path: ours(rows, b, "torch-sparse"),
-              "ours, dense table": lambda rows, b, path: ours(rows, b, "dense"),
-              "ours, from disk": ours_from_disk,
-              "deepctr-torch": lambda rows, b, path: deepctr(rows, b),
-              "pytorch-fm": lambda rows, b, path: torchfm(rows, b)}
+# every contender: (rows, batch, the Criteo text file, its binary cache folder) -> one timed pass
+CONTENDERS = {"ours": lambda rows, b, path, cache: ours(rows, b, "row"),
+              "ours, torch SparseAdam": lambda rows, b, path, cache: ours(rows, b, "torch-sparse"),
+              "ours, dense table": lambda rows, b, path, cache: ours(rows, b, "dense"),
+              "ours, from disk": lambda rows, b, path, cache: ours_from_disk(rows, b, path),
+              "ours, binary cache": lambda rows, b, path, cache: ours_from_cache(rows, b, cache),
+              "ours, preloaded": lambda rows, b, path, cache: ours_from_cache(rows, b, cache,
+                                                                              preload=True),
+              "deepctr-torch": lambda rows, b, path, cache: deepctr(rows, b),
+              "pytorch-fm": lambda rows, b, path, cache: torchfm(rows, b)}
+
+
+PRECISION_MODELS = ["dnn", "deepfm", "dcnv2"]
+
+
+def precision_contenders():
+    """'<model> fp32' and '<model> bf16' for the models with an MLP: the same step, with and
+    without bf16 autocast around the forward pass."""
+    out = {}
+    for name in PRECISION_MODELS:
+        out[f"{name} fp32"] = lambda rows, b, path, name=name: ours(rows, b, "row", name)
+        out[f"{name} bf16"] = lambda rows, b, path, name=name: ours(rows, b, "row", name,
+                                                                    torch.bfloat16)
+    return out
 
 
 def install_others(folder):
@@ -277,7 +322,12 @@ def install_others(folder):
     subprocess.run(pip + ["requests"], check=True)  # deepctr_torch imports it at import time
 
 
-def mlp_flops_per_sample(n_fields=N_DENSE + N_SPARSE, emb=EMB, hidden=MLP):
-    """Multiply-adds of the MLP, x2 for FLOPs, x3 for forward + the two backward matmuls."""
+def mlp_flops_per_sample(n_fields=N_DENSE + N_SPARSE, emb=EMB, hidden=MLP, name="deepfm",
+                         cross_layers=3):
+    """Multiply-adds of the matmuls, x2 for FLOPs, x3 for forward + the two backward matmuls:
+    the MLP, and for DCN-v2 its d x d cross layers too."""
     dims = [n_fields * emb, *hidden, 1]
-    return 2 * 3 * sum(i * o for i, o in zip(dims[:-1], dims[1:]))
+    macs = sum(i * o for i, o in zip(dims[:-1], dims[1:]))
+    if name == "dcnv2":
+        macs += cross_layers * (n_fields * emb) ** 2
+    return 2 * 3 * macs

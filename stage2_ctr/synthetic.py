@@ -32,6 +32,11 @@ from stage2_ctr.criteo import DatasetWriter  # noqa: E402
 
 N_DENSE, N_SPARSE = 13, 26
 U64 = np.uint64
+REGIMES = ["lowrank", "dot", "fieldpair"]  # what the click model plants beside first order
+DOT_STD = 0.8         # dot: std of each pair's dot-product term in the logit (6 pairs)
+DOT_VALUES = 300      # dot: values of each id field, equally frequent (~2,700 rows each in 0.8M)
+FIELDPAIR_DIM = 4     # planted embedding size per field in the fieldpair regime
+FIELDPAIR_STD = 1.5   # std of the fieldpair quadratic form in the logit
 
 
 @dataclass
@@ -49,16 +54,26 @@ class SyntheticConfig:
     test_frac: float = 0.1
     chunk_rows: int = 16384   # rows per chunk (small chunks stay in the CPU cache)
     workers: int = 2          # processes generating chunks in parallel (same output for any)
+    interactions: str = "lowrank"  # lowrank | dot | fieldpair (REGIMES)
+    cross_rank: int = 16      # dot: the dimension k of the planted dot products
+    side_missing: float = 0.95  # dot: share of rows in which each side field is missing
 
 
 # ------------------------------------------------------------------------- the click model
 class ClickModel:
     """The planted model: feature distributions from `seed`, weight tables from `weight_seed`
-    (a second task shares the features and draws its own weights)."""
+    (a second task shares the features and draws its own weights). `interactions` picks what
+    is planted next to the first-order weights (see REGIMES); every regime draws the same
+    features and first-order weights, and 'lowrank' is the original generator, unchanged."""
 
-    def __init__(self, seed, strength=1.0, k=4, weight_seed=None):
+    def __init__(self, seed, strength=1.0, k=4, weight_seed=None, interactions="lowrank",
+                 cross_rank=16, side_missing=0.95):
+        if interactions not in REGIMES:
+            raise ValueError(f"interactions must be one of {', '.join(REGIMES)}")
         rng = np.random.default_rng([seed, 1])
-        self.k = k
+        self.k, self.interactions, self.cross_rank = k, interactions, cross_rank
+        self.side_missing = side_missing
+        self.uniform_values = {}  # field -> V: ranks drawn uniformly from V values (dot)
         # vocabularies from 3 to 10^6 values per field, in a shuffled order
         self.vocab = rng.permutation(np.round(np.geomspace(3, 1e6, N_SPARSE)).astype(np.int64))
         self.cat_missing = rng.choice([0.0, 0.0, 0.0, 0.02, 0.1, 0.3], N_SPARSE)
@@ -88,6 +103,62 @@ class ClickModel:
         self.gamma = strength * 0.3
         self.e_cat = {f: rng.normal(0, 1, self.vocab[f] + 1).astype(np.float32)
                       for f in {f for t in self.triples for f in t}}
+        if interactions != "lowrank":  # the other regimes' parameters: a stream of their own
+            regime_rng = np.random.default_rng([weight_seed or seed, 7, REGIMES.index(
+                interactions)])
+            {"dot": self._init_dot, "fieldpair": self._init_fieldpair}[interactions](
+                regime_rng, strength)
+
+    # ------------------------------------------------------------------ the other regimes
+    def _init_dot(self, rng, strength):
+        """dot: four id fields (user-, ad-, site-, app-like: the fields of 10^4-10^5 values, of
+        which DOT_VALUES occur, equally often) whose every pair interacts through a k-dim dot
+        product <u_a[x_a], u_b[x_b]> (k = cross_rank; each value one vector for all its pairs).
+        Entries are N(0, sigma^2) with sigma^2 = DOT_STD / sqrt(k), so each pair's term has std
+        DOT_STD whatever k. The other 22 categorical fields are side information, missing in a
+        share side_missing of the rows (a collaborative-filtering layout, like MovieLens; with
+        side_missing=0 they are as informative as in the other regimes - see the README for
+        what that does to the FM)."""
+        big = [f for f in np.argsort(self.vocab) if 1e4 <= self.vocab[f] <= 1e5][:4]
+        self.dot_fields = big
+        self.dot_pairs = [(a, b) for i, a in enumerate(big) for b in big[i + 1:]]
+        sigma = np.sqrt(np.sqrt(strength) * DOT_STD / np.sqrt(self.cross_rank))
+        self.dot_vectors = {f: rng.normal(0, sigma, (self.vocab[f] + 1, self.cross_rank))
+                            .astype(np.float32) for pair in self.dot_pairs for f in pair}
+        self.uniform_values = {f: DOT_VALUES for f in big}
+        others = np.setdiff1d(np.arange(N_SPARSE), big)
+        self.cat_missing[others] = np.maximum(self.cat_missing[others], self.side_missing)
+
+    def _init_fieldpair(self, rng, strength):
+        """fieldpair: the 12 smallest-vocabulary categorical fields and the 13 dense fields get
+        a planted d-dim embedding each (FIELDPAIR_DIM; dense: v_j z_j), and every pair of fields
+        (i, j) its own random matrix: sum_{i<j} e_i^T M_ij e_j - one quadratic form of full rank
+        over the concatenated embeddings, with dense x dense and dense x categorical products
+        in it. An FM can only express <e_i, e_j>; a DCN-v2 cross layer any quadratic form."""
+        d = FIELDPAIR_DIM
+        self.fp_fields = np.sort(np.argsort(self.vocab)[:12])
+        self.fp_cat = {f: rng.normal(0, 1, (self.vocab[f] + 1, d)).astype(np.float32)
+                       for f in self.fp_fields}
+        self.fp_dense = rng.normal(0, 1, (N_DENSE, d)).astype(np.float32)
+        n_fields = len(self.fp_fields) + N_DENSE
+        m = rng.normal(0, 1, (n_fields * d, n_fields * d)).astype(np.float32)
+        block = np.arange(n_fields * d) // d
+        m[block[:, None] >= block[None, :]] = 0  # pairs i < j only: no squares of a field
+        # scaled so that the term has std FIELDPAIR_STD on rows drawn like the data
+        x = self._fieldpair_inputs(*self._calibration_rows())
+        m *= np.sqrt(strength) * FIELDPAIR_STD / np.std(np.einsum("ni,ij,nj->n", x, m, x))
+        self.fp_matrix = m
+
+    def _calibration_rows(self, n=20_000):
+        ranks, _, _, z = self.draw_features(np.random.default_rng([17, 2]), n)
+        return np.ascontiguousarray(np.where(ranks < 0, self.vocab, ranks).T), z
+
+    def _fieldpair_inputs(self, idx, z):
+        """(n, 25 * d): the planted embeddings of the fieldpair fields, concatenated (idx: the
+        (26, n) row ids per field)."""
+        cat = [np.take(self.fp_cat[f], idx[f], axis=0) for f in self.fp_fields]
+        dense = [z[:, j:j + 1] * self.fp_dense[j] for j in range(N_DENSE)]
+        return np.concatenate(cat + dense, axis=1)
 
     def draw_features(self, rng, n):
         """Ranks (n, 26) with -1 = missing, dense ints (n, 13) with a missing mask, and z."""
@@ -98,11 +169,14 @@ class ClickModel:
         missing = u < self.cat_missing
         u -= self.cat_missing
         u /= 1 - self.cat_missing
+        flat = {f: u[:, f].copy() for f in self.uniform_values}
         u *= self.log_vocab
         np.exp(u, out=u)
         u -= 1
         ranks = u.astype(np.int64)
         np.minimum(ranks, self.vocab - 1, out=ranks)
+        for f, v in self.uniform_values.items():  # equally popular values (dot regime)
+            ranks[:, f] = np.minimum((flat[f] * v).astype(np.int64), v - 1)
         np.copyto(ranks, -1, where=missing)
         z = rng.standard_normal((n, N_DENSE), dtype=np.float32)
         dense_f = self.dense_sigma * z
@@ -116,15 +190,26 @@ class ClickModel:
         return ranks, dense, dense_missing, z
 
     def logit_parts(self, ranks, z):
-        """(first order, pairwise, third order) contributions per row, without the bias."""
+        """The planted parts of the logit per row, without the bias, in summation order:
+        {first_order, pairwise, third_order} (lowrank), {first_order, dot} or
+        {first_order, field_pair}."""
         # one contiguous row of ids per field: np.take on it is ~10x faster than fancy-indexing
         # a strided column of the (n, 26) array (that gather was a third of a chunk's time)
         idx = np.ascontiguousarray(np.where(ranks < 0, self.vocab, ranks).T)  # missing -> own row
-        first = z @ self.w_dense  # dense fields: w_j z_j, and v_j z_j in the FM below
-        v_sum = z @ self.v_dense
-        v_sq = (z * z) @ (self.v_dense ** 2)
+        first = z @ self.w_dense  # dense fields: w_j z_j (and v_j z_j in the FM below)
         for f in range(N_SPARSE):
             first += np.take(self.w_cat[f], idx[f])
+        if self.interactions == "dot":
+            dot = np.zeros(len(z), np.float32)
+            for a, b in self.dot_pairs:
+                dot += np.einsum("nk,nk->n", np.take(self.dot_vectors[a], idx[a], axis=0),
+                                 np.take(self.dot_vectors[b], idx[b], axis=0))
+            return {"first_order": first, "dot": dot}
+        if self.interactions == "fieldpair":
+            x = self._fieldpair_inputs(idx, z)
+            return {"first_order": first, "field_pair": ((x @ self.fp_matrix) * x).sum(1)}
+        v_sum = z @ self.v_dense
+        v_sq = (z * z) @ (self.v_dense ** 2)
         # FM identity: sum_{i<j} <v_i, v_j> = 1/2 sum_k [ (sum_i v_ik)^2 - sum_i v_ik^2 ]
         for f in self.pair_fields:
             v = np.take(self.v_cat[f], idx[f], axis=0)
@@ -135,7 +220,7 @@ class ClickModel:
         for a, b, c in self.triples:
             third += self.gamma * (np.take(self.e_cat[a], idx[a]) * np.take(self.e_cat[b], idx[b])
                                    * np.take(self.e_cat[c], idx[c]))
-        return first, pair, third
+        return {"first_order": first, "pairwise": pair, "third_order": third}
 
     def hex_of(self, field, ranks):
         """The 8-hex-char value of (field, rank) as a uint32: a stable hash, like Criteo's."""
@@ -173,18 +258,23 @@ class Generator:
 
     def __init__(self, cfg):
         self.cfg, self.tasks = cfg, cfg.tasks
-        self.model = ClickModel(cfg.seed, cfg.strength)
+        self.model = ClickModel(cfg.seed, cfg.strength, interactions=cfg.interactions,
+                                cross_rank=cfg.cross_rank, side_missing=cfg.side_missing)
         self.hex_words = self.model.hex_word_tables()
         cal = np.random.default_rng([cfg.seed, 3])
         ranks, _, _, z = self.model.draw_features(cal, 50_000)
         parts = self.model.logit_parts(ranks, z)
-        self.bias = calibrate_bias(sum(parts), cfg.ctr)
-        self.signal_std = float(np.std(sum(parts)))
+        self.bias = calibrate_bias(sum(parts.values()), cfg.ctr)
+        self.signal_std = float(np.std(sum(parts.values())))
+        self.part_std = {k: float(np.std(v)) for k, v in parts.items()}
         if self.tasks == 2:  # the second task's own signal: another model of the same shape
-            self.model2 = ClickModel(cfg.seed, cfg.strength, weight_seed=cfg.seed + 10_000)
-            own = sum(self.model2.logit_parts(ranks, z))
+            self.model2 = ClickModel(cfg.seed, cfg.strength, weight_seed=cfg.seed + 10_000,
+                                     interactions=cfg.interactions, cross_rank=cfg.cross_rank,
+                                     side_missing=cfg.side_missing)
+            own = sum(self.model2.logit_parts(ranks, z).values())
             self.own_scale = self.signal_std / float(np.std(own))
-            s2 = self._mix(sum(parts) - sum(parts).mean(), own - own.mean())
+            signal = sum(parts.values())
+            s2 = self._mix(signal - signal.mean(), own - own.mean())
             self.bias2 = calibrate_bias(s2, cfg.ctr2)
 
     def _mix(self, s1, own):
@@ -202,20 +292,20 @@ class Generator:
     def chunk(self, index, n):
         """Chunk number `index` (its own seeded stream, so chunks can be drawn in parallel and
         in any order): dict of labels (n, T) int8, oracle (n, T) float32, the raw features, and
-        the first-order part of the logit (to show what the crosses are worth)."""
+        the planted parts of the logit (to show what each is worth)."""
         rng = np.random.default_rng([self.cfg.seed, 2, index])
         ranks, dense, dense_missing, z = self.model.draw_features(rng, n)
-        first, pair, third = self.model.logit_parts(ranks, z)
-        s1 = first + pair + third
+        parts = self.model.logit_parts(ranks, z)
+        s1 = sum(parts.values())
         probs = [1 / (1 + np.exp(-(s1 + self.bias)))]
         if self.tasks == 2:
-            own = sum(self.model2.logit_parts(ranks, z))
+            own = sum(self.model2.logit_parts(ranks, z).values())
             probs.append(1 / (1 + np.exp(-(self._mix(s1, own) + self.bias2))))
         oracle = np.stack(probs, 1).astype(np.float32)
         labels = (rng.random(oracle.shape, dtype=np.float32) < oracle).astype(np.int8)
         return {"labels": labels, "oracle": oracle, "ranks": ranks, "dense": dense,
                 "dense_missing": dense_missing, "hex_words": self.hex_words_of(ranks),
-                "first_order_logit": first}
+                "parts": parts}
 
 
 def _ascii_table(n_chars, base):
@@ -331,7 +421,7 @@ def synthetic_segment(task):
     gen = _GENERATOR
     files = [open(Path(out_dir) / f"{name}.txt.seg{segment:05d}", "wb")
              for name in DatasetWriter.NAMES]
-    keep = {s: {"labels": [], "oracle": [], "first": []} for s in range(3)}
+    keep = {s: {"labels": [], "oracle": []} for s in range(3)}
     for index, start, n in chunks:
         c = gen.chunk(index, n)
         cfg = gen.cfg
@@ -346,7 +436,8 @@ def synthetic_segment(task):
                 files[s].write(data[row_at[lo]:row_at[hi]])
                 keep[s]["labels"].append(c["labels"][lo:hi])
                 keep[s]["oracle"].append(c["oracle"][lo:hi])
-                keep[s]["first"].append(c["first_order_logit"][lo:hi])
+                for part, values in c["parts"].items():
+                    keep[s].setdefault("part:" + part, []).append(values[lo:hi])
     for f in files:
         f.close()
     arrays = {s: {k: np.concatenate(v) for k, v in d.items()} for s, d in keep.items()
@@ -382,23 +473,40 @@ def make_synthetic(cfg, out_dir):
     seconds = time.perf_counter() - t0
     report = {}
     for s, name in enumerate(DatasetWriter.NAMES):
-        if arrays[s]["labels"]:
+        if arrays[s].get("labels"):
             a = {k: np.concatenate(v) for k, v in arrays[s].items()}
             common.save_npy(writer.folder / f"{name}.oracle.npy",
                             a["oracle"][:, 0] if cfg.tasks == 1 else a["oracle"])
-            report[name] = score_oracle(a["labels"].astype(np.float32), a["oracle"], a["first"])
+            report[name] = score_oracle(a["labels"].astype(np.float32), a["oracle"],
+                                        {k[5:]: v for k, v in a.items() if k.startswith("part:")})
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "synthetic",
             "config": asdict(cfg),
             "columns": (["label"] + (["label2"] if cfg.tasks == 2 else [])
                         + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]),
-            "generator": {"vocab_sizes": gen.model.vocab.tolist(),
-                          "pair_fields": [f"C{f + 1}" for f in gen.model.pair_fields],
-                          "triples": [[f"C{f + 1}" for f in t] for t in gen.model.triples],
-                          "bias": gen.bias, "signal_std": gen.signal_std, "k": gen.model.k},
+            "generator": planted_structure(gen),
             "splits": report, "rows_per_s": cfg.rows / seconds, "seconds": seconds}
     common.write_json(writer.folder / "meta.json", meta)
     writer.commit()
     return meta
+
+
+def planted_structure(gen):
+    """What meta.json records of the click model: the regime, its fields and scales."""
+    m = gen.model
+    out = {"interactions": m.interactions, "vocab_sizes": m.vocab.tolist(), "bias": gen.bias,
+           "signal_std": gen.signal_std, "part_std": gen.part_std}
+    if m.interactions == "lowrank":
+        out.update(pair_fields=[f"C{f + 1}" for f in m.pair_fields], k=m.k,
+                   triples=[[f"C{f + 1}" for f in t] for t in m.triples])
+    elif m.interactions == "dot":
+        out.update(dot_fields=[f"C{f + 1}" for f in m.dot_fields], values_per_field=DOT_VALUES,
+                   dot_pairs=[[f"C{a + 1}", f"C{b + 1}"] for a, b in m.dot_pairs],
+                   cross_rank=m.cross_rank, dot_pair_std=DOT_STD,
+                   side_missing=m.side_missing)
+    else:
+        out.update(fieldpair_fields=[f"C{f + 1}" for f in m.fp_fields] + [
+            f"I{j + 1}" for j in range(N_DENSE)], fieldpair_dim=FIELDPAIR_DIM)
+    return out
 
 
 def generate_into(gen, cfg, writer):
@@ -418,7 +526,7 @@ def generate_into(gen, cfg, writer):
     results = (pool.imap_unordered(synthetic_segment, segments) if pool
                else map(synthetic_segment, segments))
     done, next_segment = {}, 0
-    kept = {s: {"labels": [], "oracle": [], "first": []} for s in range(3)}
+    kept = {s: {} for s in range(3)}
     with tqdm(total=cfg.rows, unit=" rows", unit_scale=True, desc="generating") as bar:
         for segment, n, arrays in results:
             done[segment] = arrays
@@ -433,8 +541,8 @@ def generate_into(gen, cfg, writer):
                     if s in arrays:
                         writer.rows[s] += len(arrays[s]["labels"])
                         writer.positives[s] += int(arrays[s]["labels"][:, 0].sum())
-                        for k in kept[s]:
-                            kept[s][k].append(arrays[s][k])
+                        for k, v in arrays[s].items():
+                            kept[s].setdefault(k, []).append(v)
                 next_segment += 1
     if pool:
         pool.close()
@@ -442,9 +550,10 @@ def generate_into(gen, cfg, writer):
     return kept
 
 
-def score_oracle(y, oracle, first_order):
-    """Rows, positive rate and the oracle's AUC / log loss per task; the first-order part
-    alone scored on the same labels (what LR could reach at best). sklearn's AUC sorts and
+def score_oracle(y, oracle, parts):
+    """Rows, positive rate and the oracle's AUC / log loss per task; for the click task also
+    the first-order part alone (what LR could reach at best) and the oracle with each planted
+    part removed (what that part is worth), scored on the same labels. sklearn's AUC sorts and
     copies to float64 (~50 bytes a row): past MAX_SCORED_ROWS the scores come from every k-th
     row, so a 20M-row file needs no more memory than a 4M one."""
     from sklearn.metrics import log_loss, roc_auc_score
@@ -457,6 +566,9 @@ def score_oracle(y, oracle, first_order):
                            for t in range(y.shape[1])]
         r["oracle_logloss"] = [float(log_loss(y[:, t], oracle[:, t], labels=[0, 1]))
                                for t in range(y.shape[1])]
-        r["oracle_auc_first_order_only"] = float(roc_auc_score(y[:, 0],
-                                                               first_order[::stride]))
+        parts = {k: v[::stride] for k, v in parts.items()}
+        total = sum(parts.values())
+        r["oracle_auc_first_order_only"] = float(roc_auc_score(y[:, 0], parts["first_order"]))
+        r["oracle_auc_without"] = {k: float(roc_auc_score(y[:, 0], total - v))
+                                   for k, v in parts.items()}
     return r

@@ -18,7 +18,6 @@ Writes: runs/<name>/metrics.json (with the config), curves.png, best.pt (best on
 Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,15 +31,18 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from stage2_ctr import criteo  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
-from stage2_ctr.training import (TrainError, check_inputs, dense_stats, evaluate,  # noqa: E402
-                                 load_last, make_optimizers, make_step, oracle_scores, save_last)
+from stage2_ctr.training import (TrainError, amp_dtype, autocast_for, check_inputs,  # noqa
+                                 dense_stats, epoch_batches, evaluate, load_last,
+                                 make_optimizers, make_step, oracle_scores, rare_filter,
+                                 save_last, setup_distributed, train_source)
 
 DATA = Path(__file__).resolve().parent / "data" / "synthetic"
 # ------------------------------------------------------------------------------------ config
 @dataclass
 class TrainConfig:
     """Everything that decides a run's numbers. Written verbatim into metrics.json; a finished
-    run is reused (03_compare_models.py) only when its whole recorded config is equal."""
+    run is reused (03_compare_models.py) only when its whole recorded config is equal. A new
+    field must default to the behaviour runs had before it: older records lack it."""
     model: str = "deepfm"
     train: list = field(default_factory=lambda: [str(DATA / "train.txt")])
     val: list = field(default_factory=lambda: [str(DATA / "val.txt")])
@@ -53,12 +55,15 @@ class TrainConfig:
     lr: float = 1e-3
     emb_dim: int = 16
     hash_bits: int = 20
+    min_count: int = 0          # values seen fewer times in train -> their field's rare bucket
     mlp: tuple = (400, 400, 400)
     cross_layers: int = 3
     dropout: float = 0.0
     weight_decay: float = 0.0   # dense parameters only (AdamW; see training.make_optimizers)
     decoupled_wd: bool = True   # False: Adam with L2 in the gradient (for the comparison only)
     sparse_emb: str = "auto"    # sparse gradients + RowSparseAdam for the tables (auto: CPU)
+    amp: str = "off"            # off | bf16 | auto (bf16 where the device multiplies it natively)
+    preload: str = "none"       # none | device: the whole train split in device memory
     compile: bool = False
     num_workers: int = 1
     shuffle_buffer: int = 0
@@ -77,7 +82,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default=d.model)
-    p.add_argument("--train", nargs="+", default=d.train, help="training file(s)")
+    p.add_argument("--train", nargs="+", default=d.train,
+                   help="training file(s), or one binary cache folder (07_binary_cache.py)")
     p.add_argument("--val", nargs="+", default=d.val, help="validation file(s)")
     p.add_argument("--test", nargs="+", default=d.test, help="test file(s)")
     p.add_argument("--stats", default=d.stats,
@@ -92,6 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--emb-dim", type=common.positive_int, default=d.emb_dim)
     p.add_argument("--hash-bits", type=common.checked(int, lambda v: 1 <= v <= 30, "in [1, 30]"),
                    default=d.hash_bits)
+    p.add_argument("--min-count", type=common.non_negative_int, default=d.min_count,
+                   help="values seen fewer times in the train file(s) share their field's "
+                        "'rare' row (0: off)")
     p.add_argument("--mlp", type=common.layer_list, default=d.mlp,
                    help="hidden sizes of the MLP, e.g. 400,400,400")
     p.add_argument("--cross-layers", type=common.non_negative_int, default=d.cross_layers)
@@ -102,6 +111,12 @@ def parse_args(argv=None):
                    help="Adam with L2 in the gradient instead of AdamW (to compare the two)")
     p.add_argument("--sparse-emb", choices=["auto", "on", "off"], default=d.sparse_emb,
                    help="sparse gradients + RowSparseAdam for the tables (auto: on for CPU)")
+    p.add_argument("--amp", choices=["off", "bf16", "auto"], default=d.amp,
+                   help="bf16 autocast for the MLP/cross matmuls (auto: on CUDA and on CPUs with "
+                        "native bf16, i.e. avx512_bf16/amx_bf16; tables, loss, optimizer fp32)")
+    p.add_argument("--preload", choices=["none", "device"], default=d.preload,
+                   help="device: load the whole train split (best from a binary cache) into "
+                        "device memory once and batch it there (see criteo.Preloaded)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num-workers", type=common.non_negative_int, default=d.num_workers,
                    help="loader worker processes")
@@ -128,19 +143,6 @@ def parse_args(argv=None):
 
 
 # -------------------------------------------------------------------------------------- set-up
-def setup_distributed(device_name):
-    """torchrun sets RANK/WORLD_SIZE; one process = one rank. gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = common.resolve_device(device_name, local)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
-
-
 def build(cfg, device):
     """The model (sparse tables on CPU by default), its optimizers, the module to train
     (compiled and/or DDP-wrapped) and whether the tables are sparse."""
@@ -156,24 +158,6 @@ def build(cfg, device):
     return model, optimizers, train_model, sparse
 
 
-def epoch_batches(stream, epoch, num_workers, batch_size, seed, device, reports):
-    """The epoch's batches with whether each is the last one (a one-batch lookahead), so the
-    loop can evaluate at the end of an epoch from one call site. The DataLoader gets its own
-    generator: creating the iterator must not draw from the global RNG that dropout uses, or a
-    resumed run would see other dropout masks than the original."""
-    stream.set_epoch(epoch)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda",
-                                         generator=torch.Generator().manual_seed(seed))
-    it = criteo.iter_batches(loader, batch_size, reports)
-    batch = next(it, None)
-    while batch is not None:
-        following = next(it, None)
-        yield batch, following is None
-        batch = following
-
-
-# ------------------------------------------------------------------------------------ the run
 @dataclass
 class Run:
     """What one training run holds: its data, model, optimizers, folder and loop state."""
@@ -186,6 +170,7 @@ class Run:
     run_dir: Path
     state: dict         # what last.pt carries: step, epoch, best, history, ...
     bad_rows: dict      # per split: per-file counts of the rows the loader skipped
+    autocast: object    # None (fp32) or a factory of bf16 autocast contexts
 
 
 def prepare(cfg, resume, rank, world, device, say):
@@ -193,14 +178,12 @@ def prepare(cfg, resume, rank, world, device, say):
     from (a fresh one, or last.pt's with --resume)."""
     bad_rows = check_inputs(cfg, say)
     stats = dense_stats(cfg.stats, cfg.train, rank, say)
-    # the train stream: workers hand over 8 batches at a time and report their bad rows at
-    # the end of each pass
-    train_stream = criteo.CriteoStream(cfg.train, cfg.batch_size, cfg.hash_bits, stats,
-                                       shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-                                       group=8 if cfg.num_workers else 1, report=True)
-    val_stream, test_stream = (criteo.CriteoStream(f, cfg.batch_size, cfg.hash_bits, stats)
-                               for f in (cfg.val, cfg.test))
+    rare = rare_filter(cfg.train, cfg.hash_bits, cfg.min_count, rank, say)
+    train_stream = train_source(cfg, stats, rare, device)
+    val_stream, test_stream = (criteo.CriteoStream(f, cfg.batch_size, cfg.hash_bits, stats,
+                                                   rare_filter=rare) for f in (cfg.val, cfg.test))
     model, optimizers, train_model, sparse = build(cfg, device)
+    autocast = autocast_for(device, amp_dtype(cfg.amp, device))
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -215,9 +198,11 @@ def prepare(cfg, resume, rank, world, device, say):
         say(f"--resume: there is no {run_dir / 'last.pt'}; starting from scratch")
     say(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters | device "
         f"{device} | world {world} | sparse tables {sparse} | batch {cfg.batch_size} | "
-        f"hash 2^{cfg.hash_bits}")
+        f"hash 2^{cfg.hash_bits} | {'bf16 autocast' if autocast else 'fp32'} | train from "
+        f"{type(train_stream).__name__}")
     return Run(train_stream, val_stream, test_stream, model, optimizers,
-               make_step(train_model, optimizers), run_dir, state, bad_rows)
+               make_step(train_model, optimizers, autocast=autocast), run_dir, state, bad_rows,
+               autocast)
 
 
 def train(cfg, resume=False, quiet=False):
@@ -263,7 +248,7 @@ def train(cfg, resume=False, quiet=False):
             at_max = cfg.max_steps and state["step"] >= cfg.max_steps
             if last or at_max or (cfg.eval_every and state["step"] % cfg.eval_every == 0):
                 state["train_seconds"] += time.perf_counter() - t0
-                val = evaluate(model, run.val_stream, device)
+                val = evaluate(model, run.val_stream, device, run.autocast)
                 stop = record_eval(state, val, loss_sum.item() / max(loss_n, 1),
                                    cfg.patience, run_dir, model, rank, say) or bool(at_max)
                 loss_sum.zero_()
@@ -299,8 +284,8 @@ def finish(cfg, run, device, rank, world, wall_s, quiet):
     if (run_dir / "best.pt").exists():
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True,
                                          map_location=device))
-    splits = {"val": evaluate(model, run.val_stream, device),
-              "test": evaluate(model, run.test_stream, device)}
+    splits = {"val": evaluate(model, run.val_stream, device, run.autocast),
+              "test": evaluate(model, run.test_stream, device, run.autocast)}
     for name, files in [("val", cfg.val), ("test", cfg.test)]:
         oracle = oracle_scores(files)
         if oracle:

@@ -23,8 +23,9 @@ import common  # noqa: E402
 from common import (mean_std, non_negative_int, positive_int, pyplot,  # noqa: E402
                     quick_or_results, save_figure, write_json, write_text)
 from stage2_ctr.models.mtl import build_mtl, n_params, width_for_budget  # noqa: E402
+from stage2_ctr.training import auc_per_task, bce, fit, predict_in_memory  # noqa: E402
 from stage3_advanced.stage3_common import (ADULT_NPZ, ADULT_TASKS, AdultMultiTask,  # noqa: E402
-                                           auc_per_task, bce, fit, load_adult, predict, setup)
+                                           load_adult, setup)
 
 ARCHS = ["shared_bottom", "mmoe", "ple"]
 
@@ -79,7 +80,7 @@ def gate_usage(model, test_inputs, rows=4096):
     """Mean gate weight per expert for each task on test rows (MMoE / PLE): do the tasks lean
     on different experts, or has every gate collapsed onto the same one?"""
     gates = getattr(model.block, "gates", None) or model.block.levels[-1].task_gates
-    predict(model, {k: v[:rows] for k, v in test_inputs.items()}, batch_size=rows)
+    predict_in_memory(model, {k: v[:rows] for k, v in test_inputs.items()}, batch_size=rows)
     return [g.weights.mean(0).tolist() for g in gates]
 
 

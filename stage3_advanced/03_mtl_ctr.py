@@ -30,8 +30,8 @@ from common import (correlation, mean_std, non_negative_int, positive_int, pyplo
 from stage2_ctr import criteo, synthetic  # noqa: E402
 from stage2_ctr.models import criteo_schema  # noqa: E402
 from stage2_ctr.models.mtl import CTRMultiTask, build_mtl, n_params, width_for_budget  # noqa: E402
-from stage3_advanced.stage3_common import (HERE, CTRInputs, auc_per_task, bce, fit,  # noqa: E402
-                                           load_criteo, setup)
+from stage2_ctr.training import CTRInputs, auc_per_task, bce, fit  # noqa: E402
+from stage3_advanced.stage3_common import HERE, load_criteo, setup  # noqa: E402
 
 ARCHS = ["shared_bottom", "mmoe", "ple", "single_task"]  # single_task: one model per task
 TASKS = ["click", "conversion"]

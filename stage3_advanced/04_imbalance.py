@@ -39,8 +39,9 @@ from common import (binary_metrics, checked, mean_std, pyplot, quick_or_results,
                     save_figure, write_json, write_text)
 from stage2_ctr import criteo, synthetic  # noqa: E402
 from stage2_ctr.models import build_model, criteo_schema  # noqa: E402
-from stage3_advanced.stage3_common import (ADULT_NPZ, HERE, AdultMultiTask, CTRInputs,  # noqa: E402
-                                           fit, load_adult, load_criteo, predict, setup)
+from stage2_ctr.training import CTRInputs, fit, predict_in_memory  # noqa: E402
+from stage3_advanced.stage3_common import (ADULT_NPZ, HERE, AdultMultiTask,  # noqa: E402
+                                           load_adult, load_criteo, setup)
 
 
 def focal_loss(logits, y, gamma=2.0, alpha=None):
@@ -151,8 +152,8 @@ def run_loss(args, data, new_model, loss_fn, pos_weight, seed, dataset, name):
         weight_decay=0.0 if is_ctr else 1e-4, batch_size=2048 if is_ctr else 256,
         epochs=2 if is_ctr else args.epochs, patience=1 if is_ctr else 4, seed=seed,
         desc=f"{dataset} {name} s{seed}")
-    val_z = predict(model, data["val"][0])[:, 0].numpy()
-    test_z = predict(model, data["test"][0])[:, 0].numpy()
+    val_z = predict_in_memory(model, data["val"][0])[:, 0].numpy()
+    test_z = predict_in_memory(model, data["test"][0])[:, 0].numpy()
     y_val, y = data["val"][1][:, 0].numpy(), data["test"][1][:, 0].numpy()
     raw = 1 / (1 + np.exp(-test_z))
     out = {"raw": binary_metrics(y, raw), "platt": binary_metrics(y, platt(val_z, y_val, test_z))}

@@ -5,7 +5,7 @@ fits on disk): how fast the streaming loader reads a 5 GB file with 1 and 2 work
 how little memory that takes; how training samples/s of each Stage 2 model changes with the
 batch size, fed from preloaded tensors vs from the streaming loader (workers parsing while the
 main process trains) vs from Stage 2's binary cache (parsed once, read as fixed-width records);
-how close the MLP's matmuls come to the machine's sgemm peak (samples/s x FLOPs per sample /
+how close the MLP's matmuls come to the machine's matmul peak (samples/s x FLOPs per sample /
 peak GFLOP/s, the peak measured in the same run); and why memory follows the batch, not the
 file: batches above --micro-batch go through forward/backward in slices whose gradients add up
 before one optimizer step (gradient accumulation), so a 32k batch needs the activations of 2k.
@@ -15,11 +15,13 @@ stage2_ctr/training.py (make_step: micro-batches and their sparse gradients).
 Run:    python stage3_advanced/05_throughput.py                # 20M rows, ~12 min on 2 cores
                                                                # (+1.5 min once: file, cache)
         python stage3_advanced/05_throughput.py --quick        # 100k rows, 2 models, ~30 s
-        python stage3_advanced/05_throughput.py --device cuda  # GPU figures -> results/gpu.md
+        python stage3_advanced/05_throughput.py --amp bf16     # bf16 autocast (see Stage 2's
+                                                               # 06 --parts precision first)
+        (the prepared GPU run is 07_gpu.py: it times the same things on CUDA)
 Reads:  stage3_advanced/data/big_<rows>/train.txt, generated once (stage2_ctr/01_make_subset.py
         --synthetic <rows> --val-frac 0 --test-frac 0) when missing or incomplete, and its
-        binary cache big_<rows>/train.bin/ (stage2_ctr/05_binary_cache.py), made once too.
-Writes: results/stage3_throughput.md + .png (results/gpu.md with --device cuda);
+        binary cache big_<rows>/train.bin/ (stage2_ctr/07_binary_cache.py), made once too.
+Writes: results/stage3_throughput.md + .png (with --device cuda: stage3_throughput_cuda.md);
         runs/stage3_throughput/partial_<device>_<rows>.json keeps every finished measurement, so
         an interrupted run picks up where it stopped (--fresh starts over). Result files are
         written atomically: an interrupted run never leaves a half-written table.
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--emb-dim", type=int, default=16)
     p.add_argument("--hash-bits", type=int, default=20)
     p.add_argument("--device", type=common.device_arg, default="cpu", help="cpu | cuda")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="bf16 autocast around every model's forward pass")
     p.add_argument("--micro-batch", type=int, default=2048,
                    help="batches larger than this run forward/backward in micro-batches of "
                         "this size, gradients summed before one optimizer step (0 = never)")
@@ -79,64 +83,27 @@ def parse_args(argv=None):
         p.error("--batch-sizes and --workers must be >= 1")
     if args.micro_batch < 0:
         p.error("--micro-batch must be >= 0 (0 = every batch in one pass)")
-    args.measure = tp.Measure(args.emb_dim, args.hash_bits, args.micro_batch, args.train_rows)
+    args.measure = tp.Measure(args.emb_dim, args.hash_bits, args.micro_batch, args.train_rows,
+                              args.amp)
     if args.out is None:
         args.out = str(common.quick_or_results(args.quick) / (
-            "gpu.md" if args.device.startswith("cuda") else "stage3_throughput.md"))
+            "stage3_throughput_cuda.md" if args.device.startswith("cuda")
+            else "stage3_throughput.md"))
     return args
 
 
 # ------------------------------------------------------------------------------------ report
 def report(args, res, device):
-    peak = res["sgemm_gflops"]
-    flops = tp.mlp_flops_per_sample(args.emb_dim)
+    precision = "bf16 autocast" if args.amp == "bf16" else "fp32"
+    peak = res["matmul_gflops"][args.amp]
     lines = [f"# Stage 3: throughput at scale ({res['device_name']})", "",
-             f"File: {res['file_rows']:,} rows, {res['file_gb']:.2f} GB "
-             f"(synthetic Criteo format). Torch threads: {args.threads}. fp32 matmul peak measured "
-             f"in this run: {peak:,.0f} GFLOP/s.", "", "## Loader only (full pass)", "",
-             "| reader, workers | rows | rows/s | seconds | peak RSS main MiB | "
-             "peak RSS per worker MiB |",
-             "|---|---|---|---|---|---|"]
-    for w in args.worker_list + ["binary"]:
-        r = res["done"].get(f"scan|{w}")
-        if r:
-            name = ("binary cache, in the main process" if w == "binary"
-                    else f"text loader, {w}")
-            lines.append(f"| {name} | {r['rows']:,} | {r['rows_per_s']:,.0f} | "
-                         f"{r['seconds']:.1f} | {r['peak_rss_main_mb']:,.0f} | "
-                         f"{r['peak_rss_worker_mb']:,.0f} |")
-    if res.get("binary_cache_s"):
-        lines += ["", f"The binary cache was made once in {res['binary_cache_s']:.0f} s "
-                  "(stage2_ctr/05_binary_cache.py: one parse of the file, 2 workers)."]
-    sources = ["memory"] + [f"loader-{w}" for w in args.worker_list] + ["binary"]
-    lines += ["", "## Training samples/s (AdamW + RowSparseAdam on CPU, "
-              f"emb {args.emb_dim}, MLP {'-'.join(map(str, tp.MLP_SIZES))})", "",
-              "| model | batch | " + " | ".join(sources)
-              + " | best text loader / memory | binary / memory | MLP share of sgemm peak | "
-              f"loader-{args.worker_list[0]} memory MiB: main peak RSS + worker private "
-              "= total |",
-              "|---|---|" + "---|" * len(sources) + "---|---|---|---|"]
-    for m in args.models:
-        for b in args.batch_list:
-            speeds = [res["done"].get(train_key(args, m, b, s), {}).get("samples_per_s")
-                      for s in sources]
-            if speeds[0] is None:
-                continue
-            cells = [f"{s:,.0f}" if s else "-" for s in speeds]
-            best = max([s for s in speeds[1:-1] if s] or [0])
-            binary = f"{speeds[-1] / speeds[0]:.0%}" if speeds[-1] else "-"
-            share = (f"{speeds[0] * flops / 1e9 / peak:.0%}" if m in ("dnn", "deepfm", "dcn",
-                                                                     "dcnv2") else "-")
-            r = res["done"].get(train_key(args, m, b, sources[1]), {})
-            rss = f"{r.get('peak_rss_main_mb', 0):,.0f}" + (
-                f" + {r['private_worker_mb']:,.0f} = "
-                f"{r['peak_rss_main_mb'] + r['private_worker_mb']:,.0f}"
-                if "private_worker_mb" in r else "")
-            batch = f"{b:,}" + (f" ({b // args.micro_batch} x {args.micro_batch:,})"
-                                if 0 < args.micro_batch < b else "")
-            lines.append(f"| {m} | {batch} | " + " | ".join(cells)
-                         + f" | {best / speeds[0]:.0%} | {binary} | {share} | {rss} |")
-    lines += micro_batch_section(args, res, sources[:2])
+             f"File: {res['file_rows']:,} rows, {res['file_gb']:.2f} GB (synthetic Criteo "
+             f"format). Torch threads: {args.threads}. Training in {precision}; matmul peak "
+             "measured in this run (best of before and after the training runs): "
+             + ", ".join(f"{'bf16' if k == 'bf16' else 'fp32'} {v:,.0f} GFLOP/s"
+                         for k, v in res["matmul_gflops"].items()) + "."]
+    lines += loader_table(args, res) + training_table(args, res, peak)
+    lines += micro_batch_section(args, res, ["memory", f"loader-{args.worker_list[0]}"])
     gen = res.get("rss_generator_mb")
     lines += ["", "Peak RSS is measured per row (Linux VmHWM reset before each measurement): "
               f"the largest in the main process was {res['rss_main_mb']:,.0f} MiB"
@@ -148,11 +115,60 @@ def report(args, res, device):
               "end of the measurement)."
               + (f" Peak GPU memory {res['gpu_mb']:,.0f} MiB." if res.get("gpu_mb") else ""),
               "", f"Command: `python stage3_advanced/05_throughput.py"
-              f"{' --quick' if args.quick else ''}"
+              f"{' --quick' if args.quick else ''}{' --amp bf16' if args.amp == 'bf16' else ''}"
               f"{' --device ' + args.device if device.type != 'cpu' else ''}` "
               f"({sum(res['session_s']) / 60:.1f} min over {len(res['session_s'])} "
               "session(s))."]
     return "\n".join(lines) + "\n"
+
+
+def loader_table(args, res):
+    rows = []
+    for w in args.worker_list + ["binary"]:
+        r = res["done"].get(f"scan|{w}")
+        if r:
+            name = "binary cache, in the main process" if w == "binary" else f"text loader, {w}"
+            rows.append([name, f"{r['rows']:,}", f"{r['rows_per_s']:,.0f}", f"{r['seconds']:.1f}",
+                         f"{r['peak_rss_main_mb']:,.0f}", f"{r['peak_rss_worker_mb']:,.0f}"])
+    lines = ["", "## Loader only (full pass)", ""] + common.markdown_table(
+        ["reader, workers", "rows", "rows/s", "seconds", "peak RSS main MiB",
+         "peak RSS per worker MiB"], rows)
+    if res.get("binary_cache_s"):
+        lines += ["", f"The binary cache was made once in {res['binary_cache_s']:.0f} s "
+                  "(stage2_ctr/07_binary_cache.py: one parse of the file, 2 workers)."]
+    return lines
+
+
+def training_table(args, res, peak):
+    sources = ["memory"] + [f"loader-{w}" for w in args.worker_list] + ["binary"]
+    rows = []
+    for m in args.models:
+        for b in args.batch_list:
+            speeds = [res["done"].get(train_key(args, m, b, s), {}).get("samples_per_s")
+                      for s in sources]
+            if speeds[0] is None:
+                continue
+            best = max([s for s in speeds[1:-1] if s] or [0])
+            flops = tp.mlp_flops_per_sample(args.emb_dim, model=m)
+            share = (f"{speeds[0] * flops / 1e9 / peak:.0%}"
+                     if m in ("dnn", "deepfm", "dcn", "dcnv2") else "-")
+            r = res["done"].get(train_key(args, m, b, sources[1]), {})
+            rss = f"{r.get('peak_rss_main_mb', 0):,.0f}" + (
+                f" + {r['private_worker_mb']:,.0f} = "
+                f"{r['peak_rss_main_mb'] + r['private_worker_mb']:,.0f}"
+                if "private_worker_mb" in r else "")
+            batch = f"{b:,}" + (f" ({b // args.micro_batch} x {args.micro_batch:,})"
+                                if 0 < args.micro_batch < b else "")
+            rows.append([m, batch] + [f"{s:,.0f}" if s else "-" for s in speeds]
+                        + [f"{best / speeds[0]:.0%}",
+                           f"{speeds[-1] / speeds[0]:.0%}" if speeds[-1] else "-", share, rss])
+    return ["", "## Training samples/s (AdamW + RowSparseAdam on CPU, "
+            f"emb {args.emb_dim}, MLP {'-'.join(map(str, tp.MLP_SIZES))})", ""
+            ] + common.markdown_table(
+        ["model", "batch"] + sources + ["best text loader / memory", "binary / memory",
+                                        "matmul share of the peak (MLP; DCN-v2: + cross)",
+                                        f"loader-{args.worker_list[0]} memory MiB: main peak "
+                                        "RSS + worker private = total"], rows)
 
 
 def worker_rss_range(res, args):
@@ -216,7 +232,7 @@ def sources_of(args, model):
 
 def train_key(args, model, batch, source, micro_batch=None):
     return tp.train_key(model, batch, source,
-                        args.micro_batch if micro_batch is None else micro_batch)
+                        args.micro_batch if micro_batch is None else micro_batch, args.amp)
 
 
 def load_partial(path, args):
@@ -227,6 +243,26 @@ def load_partial(path, args):
     if res["done"]:
         print(f"resuming: {len(res['done'])} measurements already in {path}")
     return res
+
+
+def prepare_data(args, res):
+    """The big text file and its binary cache, made once; their sizes into res."""
+    path, generator_rss = tp.ensure_big_file(args.data_root, args.rows)
+    if generator_rss:
+        res["rss_generator_mb"] = generator_rss
+    cache, cache_seconds = tp.ensure_binary_cache(path)
+    if cache_seconds:
+        res["binary_cache_s"] = cache_seconds
+    res["file_gb"] = path.stat().st_size / 1e9
+    return path, cache
+
+
+def peaks(device, amp):
+    """The matmul peak in fp32, and in bf16 when the training runs in it."""
+    out = {"off": common.matmul_peak_gflops(device)}
+    if amp == "bf16":
+        out["bf16"] = common.matmul_peak_gflops(device, "bfloat16")
+    return out
 
 
 def main(argv=None):
@@ -247,27 +283,16 @@ def main(argv=None):
             common.write_json(partial_path, res)
         return res["done"][key]
 
-    # the data: the big text file and its binary cache, made once
-    path, generator_rss = tp.ensure_big_file(args.data_root, args.rows)
-    if generator_rss:
-        res["rss_generator_mb"] = generator_rss
-    cache, cache_seconds = tp.ensure_binary_cache(path)
-    if cache_seconds:
-        res["binary_cache_s"] = cache_seconds
-    res["file_gb"] = path.stat().st_size / 1e9
+    path, cache = prepare_data(args, res)
     res["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
                           else f"CPU, {torch.get_num_threads()} threads")
-    res.setdefault("sgemm_gflops", common.matmul_peak_gflops(device))
-    print(f"{path}: {args.rows:,} rows, {res['file_gb']:.2f} GB | fp32 matmul peak "
-          f"{res['sgemm_gflops']:,.0f} GFLOP/s on {res['device_name']}")
-
+    before = peaks(device, args.amp)
     # 1. the readers alone, a full pass each
     for w in args.worker_list:
         r = record(f"scan|{w}", lambda: tp.loader_only(path, w))
         print(f"loader only, {w} worker(s): {r['rows_per_s']:,.0f} rows/s over {r['rows']:,}")
     r = record("scan|binary", lambda: tp.binary_only(cache))
     print(f"binary cache only: {r['rows_per_s']:,.0f} rows/s over {r['rows']:,}")
-
     # 2. training: every model x batch size x source
     mem = tp.preload(path, max(4 * max(args.batch_list), args.train_rows)
                      + 2 * max(args.batch_list))
@@ -277,8 +302,9 @@ def main(argv=None):
         r = record(train_key(args, m, b, s), lambda: tp.train_measure(
             args.measure, m, b, s, device, path=path, mem=mem, cache=cache))
         tqdm.write(f"{m:<7} batch {b:>6,} {s:<9} {r['samples_per_s']:>10,.0f} samples/s")
-    # a single low reading of the peak would put shares above 100%: keep the best of two
-    res["sgemm_gflops"] = max(res["sgemm_gflops"], common.matmul_peak_gflops(device))
+    # a single low reading of a peak would put shares above 100%: keep the best of two
+    after = peaks(device, args.amp)
+    res["matmul_gflops"] = {k: max(before[k], after[k]) for k in before}
     current = [f"scan|{w}" for w in args.worker_list + ["binary"]] + [
         train_key(args, m, b, s) for m, b, s in jobs]
     res["rss_main_mb"] = max(res["done"][k]["peak_rss_main_mb"] for k in current
@@ -288,8 +314,6 @@ def main(argv=None):
     if len(res["done"]) > n_done_before or not res.get("session_s"):  # measured something
         res.setdefault("session_s", []).append(time.perf_counter() - t0)
     common.write_json(partial_path, res)
-
-    # report
     out = Path(args.out)
     table = report(args, res, device)
     common.write_text(out, table)

@@ -1,28 +1,22 @@
 """What the Stage 3 chapters share: reading Stage 1 / Stage 2 artefacts (with the line that says
-which script to run first when one is missing), the Adult input encoder, and one small training
-loop for in-memory data (fit), whose optimizers follow Stage 2's rule (training.make_optimizers).
+which script to run first when one is missing) and the Adult input encoder. The training loop
+for in-memory data (fit) lives in stage2_ctr/training.py, next to Stage 2's optimizers.
 
 The models themselves live in stage2_ctr/models/ (layers.py + mtl.py): one home for layers;
 the helpers every stage uses (atomic writes, metrics, mean ± std) in common.py.
 """
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
 from stage2_ctr import criteo  # noqa: E402
 from stage2_ctr.models.mtl import build_mtl  # noqa: E402
-from stage2_ctr.training import make_optimizers  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ADULT_NPZ = common.ROOT / "stage1_adult" / "adult_stage1.npz"
@@ -116,86 +110,3 @@ def oracle_of(path):
     path = Path(path)
     o = np.load(path.with_name(path.name.split(".")[0] + ".oracle.npy"), allow_pickle=False)
     return o.reshape(len(o), -1)
-
-
-class CTRInputs(nn.Module):
-    """Adapter: a Stage 2 model takes (dense, sparse); the loop below hands a dict."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        out = self.model(x["dense"], x["sparse"])
-        return out if out.dim() == 2 else out.unsqueeze(-1)
-
-
-# ------------------------------------------------------------------------------ training loop
-def batches(inputs, y, batch_size, generator=None):
-    """Slices of preloaded tensors (shuffled when a generator is given): no per-row Python."""
-    n = len(y)
-    order = torch.randperm(n, generator=generator) if generator is not None else None
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size] if order is not None else slice(start,
-                                                                             start + batch_size)
-        yield {k: v[idx] for k, v in inputs.items()}, y[idx]
-
-
-@torch.no_grad()
-def predict(model, inputs, batch_size=16384):
-    """Raw model outputs (B, T) for a whole split."""
-    model.eval()
-    n = len(next(iter(inputs.values())))
-    out = [model({k: v[i:i + batch_size] for k, v in inputs.items()})
-           for i in range(0, n, batch_size)]
-    model.train()
-    return torch.cat(out).float()
-
-
-def auc_per_task(model, split):
-    inputs, y = split
-    p = torch.sigmoid(predict(model, inputs)).numpy()
-    return [float(roc_auc_score(y[:, t].numpy(), p[:, t])) for t in range(y.shape[1])]
-
-
-def fit(model, train, val, loss_fn, lr=1e-3, weight_decay=0.0, batch_size=256, epochs=20,
-        patience=3, seed=0, task_weights=None, desc="train", quiet=False, max_seconds=None):
-    """Minibatch training on in-memory tensors; after each epoch the mean validation AUC over
-    tasks decides early stopping, and the best epoch's weights are restored.
-    loss_fn(outputs (B, T), labels (B, T)) -> per-element losses (B, T)."""
-    opts = make_optimizers(model, lr, weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.tensor(task_weights if task_weights is not None else [1.0] * train[1].shape[1])
-    best, history, samples, t_train = (-1.0, 0, None), [], 0, 0.0
-    bar = tqdm(range(epochs), desc=desc, disable=quiet, leave=False)
-    for epoch in bar:
-        t0, n = time.perf_counter(), 0
-        loss_sum = torch.zeros((), dtype=torch.float64)  # summed as a tensor: no sync per step
-        for x, y in batches(*train, batch_size, gen):
-            loss = (loss_fn(model(x), y).mean(0) * w).sum()
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            loss_sum += loss.detach()
-            n, samples = n + 1, samples + len(y)
-        t_train += time.perf_counter() - t0
-        loss_sum = loss_sum.item()
-        aucs = auc_per_task(model, val)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "val_auc": aucs})
-        bar.set_postfix(loss=f"{loss_sum / n:.4f}", val_auc=" ".join(f"{a:.4f}" for a in aucs))
-        score = float(np.mean(aucs))
-        if score > best[0]:
-            best = (score, epoch + 1, copy.deepcopy(model.state_dict()))
-        elif epoch + 1 - best[1] >= patience:
-            break
-        if max_seconds and t_train > max_seconds:
-            break
-    model.load_state_dict(best[2])
-    return {"best_epoch": best[1], "history": history,
-            "train_samples_per_s": samples / max(t_train, 1e-9)}
-
-
-def bce(logits, y):
-    return F.binary_cross_entropy_with_logits(logits, y, reduction="none")

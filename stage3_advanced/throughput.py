@@ -17,7 +17,7 @@ import common
 from stage2_ctr import criteo
 from stage2_ctr.models import build_model, criteo_schema
 from stage2_ctr.models.mtl import n_params
-from stage2_ctr.training import make_optimizers, make_step
+from stage2_ctr.training import autocast_for, make_optimizers, make_step
 
 MLP_SIZES = (400, 400, 400)
 
@@ -29,6 +29,9 @@ class Measure:
     hash_bits: int = 20
     micro_batch: int = 2048   # batches above this run forward/backward in slices (0: never)
     train_rows: int = 131_072  # rows timed per measurement (at least 4 batches)
+    amp: str = "off"          # off | bf16 (autocast around the forward pass)
+    sparse: bool = None       # sparse tables + RowSparseAdam (None: on CPU, dense on CUDA)
+    compile: bool = False     # torch.compile the model
 
 
 # ------------------------------------------------------------------------------- memory
@@ -61,7 +64,7 @@ def worker_private_mb(loader_iter):
 
 
 # --------------------------------------------------------------------------------- data
-def ensure_big_file(data_root, rows):
+def ensure_big_file(data_root, rows, workers=None):
     """Generate the big file once (01_make_subset.py in a child process, so its own peak RSS
     can be read); meta.json is written last, so its presence means complete."""
     folder = Path(data_root) / f"big_{rows}"
@@ -71,7 +74,8 @@ def ensure_big_file(data_root, rows):
         proc = subprocess.Popen([sys.executable, str(common.ROOT / "stage2_ctr" /
                                                      "01_make_subset.py"),
                                  "--synthetic", str(rows), "--val-frac", "0",
-                                 "--test-frac", "0", "--out-dir", str(folder)])
+                                 "--test-frac", "0", "--out-dir", str(folder)]
+                                + (["--workers", str(workers)] if workers else []))
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
         if os.waitstatus_to_exitcode(status):
             sys.exit(f"error: 01_make_subset.py failed (exit {os.waitstatus_to_exitcode(status)})")
@@ -149,8 +153,9 @@ def time_training(step, batches, n_steps, device, warmup=2):
 
 def train_measure(m, model_name, batch, source, device, path=None, mem=None, cache=None):
     """Samples/s of one model at one batch size. source: 'memory' (slices of the preloaded
-    tensors `mem`), 'loader-N' (the text loader over `path` with N worker processes) or
-    'binary' (the binary cache folder `cache`, read in this process)."""
+    host tensors `mem`, copied to the device batch by batch), 'device' (the same rows resident
+    in device memory: criteo.Preloaded), 'loader-N' (the text loader over `path` with N worker
+    processes) or 'binary' (the binary cache folder `cache`, read in this process)."""
     it = None
     if source.startswith("loader"):
         # Workers start (fork) before the model exists: a forked child shares every page its
@@ -160,16 +165,22 @@ def train_measure(m, model_name, batch, source, device, path=None, mem=None, cac
                                               num_workers=int(source.split("-")[1]),
                                               pin_memory=device.type == "cuda"))
     torch.manual_seed(0)
-    sparse = device.type == "cpu"  # sparse gradients + RowSparseAdam on CPU (Stage 2's finding)
+    # sparse gradients + RowSparseAdam on CPU (Stage 2's finding); a dense table by default on
+    # CUDA, where sweeping 2^20 rows with fused AdamW is cheap
+    sparse = device.type == "cpu" if m.sparse is None else m.sparse
     model = build_model(model_name, criteo_schema(m.hash_bits), emb_dim=m.emb_dim,
                         mlp=MLP_SIZES, sparse=sparse).to(device)
-    step = make_step(model, make_optimizers(model, 1e-3), m.micro_batch)
+    train_model = torch.compile(model) if m.compile else model
+    step = make_step(train_model, make_optimizers(model, 1e-3), m.micro_batch,
+                     autocast=autocast_for(device, torch.bfloat16 if m.amp == "bf16" else None))
     n_steps = max(4, m.train_rows // batch)
     extra = {}
-    if source == "memory":
-        batches = (tuple(t[i:i + batch] for t in mem)
-                   for i in range(0, len(mem[2]) - batch + 1, batch))
+    if source in ("memory", "device"):
+        rows = mem if source == "memory" else [t.to(device) for t in mem]
+        batches = (tuple(t[i:i + batch] for t in rows)
+                   for i in range(0, len(rows[2]) - batch + 1, batch))
         speed = time_training(step, batches, n_steps, device)
+        del rows
     elif source == "binary":  # a slice per batch, nothing to parse
         speed = time_training(step, criteo.BinaryStream(cache, batch), n_steps, device)
     else:
@@ -178,17 +189,23 @@ def train_measure(m, model_name, batch, source, device, path=None, mem=None, cac
         extra["private_worker_mb"] = worker_private_mb(it)  # sampled at the end: steady state
         del it
     return {"model": model_name, "batch": batch, "source": source, "samples_per_s": speed,
-            "params": n_params(model),
+            "params": n_params(model), "amp": m.amp, "sparse": sparse, "compile": m.compile,
             "micro_batch": m.micro_batch if 0 < m.micro_batch < batch else 0, **extra}
 
 
-def train_key(model, batch, source, micro_batch):
-    """A measurement's name in the partial JSON; micro-batched steps get their own."""
-    return f"train|{model}|{batch}|{source}" + (f"|micro{micro_batch}"
-                                                if 0 < micro_batch < batch else "")
+def train_key(model, batch, source, micro_batch, amp="off"):
+    """A measurement's name in the partial JSON; micro-batched and bf16 steps get their own."""
+    return (f"train|{model}|{batch}|{source}"
+            + (f"|micro{micro_batch}" if 0 < micro_batch < batch else "")
+            + ("|bf16" if amp == "bf16" else ""))
 
 
-def mlp_flops_per_sample(emb_dim, n_fields=criteo_schema().n_fields):
-    """The MLP's multiply-adds x 2 (FLOPs) x 3 (forward + two backward matmuls)."""
+def mlp_flops_per_sample(emb_dim, n_fields=criteo_schema().n_fields, model="dnn",
+                         cross_layers=3):
+    """The matmuls' multiply-adds x 2 (FLOPs) x 3 (forward + two backward matmuls): the MLP,
+    and DCN-v2's d x d cross layers."""
     dims = [n_fields * emb_dim, *MLP_SIZES, 1]
-    return 2 * 3 * sum(i * o for i, o in zip(dims[:-1], dims[1:]))
+    macs = sum(i * o for i, o in zip(dims[:-1], dims[1:]))
+    if model == "dcnv2":
+        macs += cross_layers * (n_fields * emb_dim) ** 2
+    return 2 * 3 * macs

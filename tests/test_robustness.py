@@ -19,7 +19,7 @@ from stage2_ctr import criteo, train_ctr
 
 make = load_script("stage2_ctr/01_make_subset.py")
 loader_chapter = load_script("stage2_ctr/02_dataloader.py")
-cache_chapter = load_script("stage2_ctr/05_binary_cache.py")
+cache_chapter = load_script("stage2_ctr/07_binary_cache.py")
 mtml_chapter = load_script("stage1_adult/03_train_mtml.py")
 ROW = ("39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, Not-in-family, "
        "White, Male, 2174, 0, 40, United-States, <=50K")

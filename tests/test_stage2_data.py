@@ -267,7 +267,7 @@ def test_make_subset_missing_input_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------- the binary cache
-cache = load_script("stage2_ctr/05_binary_cache.py")  # the chapter; the code is in criteo.py
+cache = load_script("stage2_ctr/07_binary_cache.py")  # the chapter; the code is in criteo.py
 
 
 def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):

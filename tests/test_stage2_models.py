@@ -206,49 +206,20 @@ def test_missing_data_is_one_line(tmp_path):
     assert "none.txt" in str(e.value) and "01_make_subset.py" in str(e.value)
 
 
-def test_compare_models_quick_writes_its_table_and_resumes(tmp_path):
-    compare = load_script("stage2_ctr/03_compare_models.py")
-    argv = ["--quick", "--rows", "6000", "--models", "lr,dcn", "--lrs", "0.01", "--mlp", "16",
-            "--batch-size", "512", "--num-workers", "0", "--out-dir", str(tmp_path),
-            "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path)]
-    compare.main(argv)
-    table = (tmp_path / "stage2_models.md").read_text()
-    assert "| lr | 0.01 |" in table and "| dcn | 0.01 |" in table and "Oracle" in table
-    assert "Expected order" in table and "read back" not in table
-    assert (tmp_path / "stage2_models.png").exists()
-    compare.main(argv)  # both runs finished: read back, same table
-    again = (tmp_path / "stage2_models.md").read_text()
-    assert "2 of the 2 runs were read back" in again
-    def model_rows(text):
-        return [line for line in text.split("\n") if line.startswith(("| lr |", "| dcn |"))]
-    assert len(model_rows(again)) == 2 and model_rows(again) == model_rows(table)
-    (tmp_path / "cmp_main_dcn_lr0.01_s0" / "metrics.json").write_text("{not json")
-    compare.main(argv)  # a broken metrics.json is retrained, not a crash
-    assert "1 of the 2 runs were read back" in (tmp_path / "stage2_models.md").read_text()
-    compare.main(argv + ["--lrs", "0.02"])  # other settings: trained, not read back
-    assert "read back" not in (tmp_path / "stage2_models.md").read_text()
-
-
-def test_order_check_names_the_pairs_that_fail():
-    compare = load_script("stage2_ctr/03_compare_models.py")
-    auc = {"lr": 0.70, "fm": 0.80, "dnn": 0.82, "deepfm": 0.83, "dcn": 0.81}
-    assert compare.order_check(auc) == "fails: dnn 0.8200 >= dcn 0.8100"
-    assert compare.order_check(dict(auc, dcn=0.84)) == "holds"
-    assert compare.order_check({"lr": 0.7}) == "-"
-
-
-def test_throughput_bench_runs_ours(tmp_path):
-    load_script("stage2_ctr/04_bench_throughput.py").main(
-        ["--parts", "train", "--skip-others", "--rows", "8192", "--repeats", "1",
-         "--batch-sizes", "4096", "--threads", "1", "--out-dir", str(tmp_path),
-         "--runs-dir", str(tmp_path)])
+def test_throughput_bench_runs_ours_from_every_input_path(ctr_data, tmp_path):
+    load_script("stage2_ctr/06_bench_throughput.py").main(
+        ["--parts", "train", "--skip-others", "--rows", "2048", "--repeats", "1",
+         "--batch-sizes", "256", "--threads", "1", "--file", str(ctr_data / "train.txt"),
+         "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path)])
     table = (tmp_path / "stage2_throughput.md").read_text()
     assert "| ours |" in table and "torch SparseAdam" in table and "dense table" in table
-    assert "matmul peak" in table
+    for source in ("from disk", "binary cache", "preloaded"):
+        assert f"| ours, {source} |" in table
+    assert "matmul peak" in table and "of ours in memory" in table
 
 
 def test_loader_bench_compares_with_pandas_in_the_same_run(ctr_data, tmp_path):
-    results = load_script("stage2_ctr/04_bench_throughput.py").main(
+    results = load_script("stage2_ctr/06_bench_throughput.py").main(
         ["--parts", "loader", "--file", str(ctr_data / "train.txt"), "--loader-repeats", "1",
          "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path)])["loader"]
     assert {"pandas", "loader workers=0", "loader workers=2 group=8"} <= set(results)
@@ -256,3 +227,15 @@ def test_loader_bench_compares_with_pandas_in_the_same_run(ctr_data, tmp_path):
     assert rows == {len(open(ctr_data / "train.txt").readlines())}  # every reader read it all
     assert (tmp_path / "bench_loader" / "metrics.json").exists()
     assert "vs pandas" in (tmp_path / "stage2_loader.md").read_text()
+
+
+def test_precision_bench_reports_both_precisions_against_their_own_peak(tmp_path):
+    load_script("stage2_ctr/06_bench_throughput.py").main(
+        ["--parts", "precision", "--precision-rows", "1024", "--precision-batch-sizes", "512",
+         "--precision-repeats", "1", "--threads", "1", "--out-dir", str(tmp_path),
+         "--runs-dir", str(tmp_path)])
+    table = (tmp_path / "stage2_precision.md").read_text()
+    for model in ("dnn", "deepfm", "dcnv2"):
+        assert f"| {model} | 512 |" in table
+    assert "fp32" in table and "bf16" in table and "share of the bf16 peak" in table
+    assert (tmp_path / "bench_precision" / "metrics.json").exists()

@@ -15,7 +15,7 @@ without sorting (a scratch array with one slot per table row remembers where eac
 `distinct_rows`) and then reads and writes the (U, k) blocks of the U distinct rows with
 index_select / index_copy_: same numbers (tests/test_stage2_models.py checks it against
 SparseAdam); with fused Adam for the MLP, the whole DeepFM step at batch 1024 runs ~30% faster
-(stage2_ctr/04_bench_throughput.py, results/stage2_throughput.md).
+(stage2_ctr/06_bench_throughput.py, results/stage2_throughput.md).
 """
 import math
 

@@ -1,4 +1,4 @@
-"""Stage 2, step 4: where the time goes - the loader against pandas/pyarrow, and our DeepFM's
+"""Stage 2, step 6: where the time goes - the loader against pandas/pyarrow, and our DeepFM's
 training step against DeepCTR-Torch and pytorch-fm.
 
 What you learn here: (1) the loader: one pass of numpy over raw bytes beats the C parsers of
@@ -16,12 +16,13 @@ measured in the same run, not absolute figures across runs. The harness (baselin
 processes, the other libraries) is stage2_ctr/bench.py; DeepCTR-Torch and pytorch-fm are
 installed into a temporary folder for this run only (`pip install --no-deps --target`).
 
-Run:    python stage2_ctr/04_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
-        python stage2_ctr/04_bench_throughput.py --parts train --skip-others   # ours only, no pip
-        python stage2_ctr/04_bench_throughput.py --parts loader --file FILE    # the loader only
-Writes: results/stage2_loader.md, results/stage2_throughput.md,
-        runs/bench_loader/metrics.json, runs/bench_throughput/metrics.json
-Time:   ~25 min on 2 CPU cores with a 2M-row file (loader ~5 min, training ~20 min).
+Run:    python stage2_ctr/06_bench_throughput.py --file stage2_ctr/data/bench2m/train.txt
+        python stage2_ctr/06_bench_throughput.py --parts train --skip-others   # ours only, no pip
+        python stage2_ctr/06_bench_throughput.py --parts loader --file FILE    # the loader only
+Writes: results/stage2_loader.md, results/stage2_throughput.md, results/stage2_precision.md,
+        runs/bench_{loader,throughput,precision}/metrics.json
+Time:   ~35 min on 2 CPU cores with a 2M-row file (loader ~5 min, training ~23 min,
+        precision ~5 min).
 """
 import argparse
 import os
@@ -36,14 +37,21 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import bench  # noqa: E402
+from stage2_ctr import bench, criteo, training  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="loader,train", help="loader, train or both")
+    p.add_argument("--parts", default="loader,train,precision",
+                   help="any of loader, train, precision (comma-separated)")
+    p.add_argument("--precision-rows", type=common.positive_int, default=24_576,
+                   help="precision: in-memory rows per timed pass (bf16 without native support "
+                        "is slow: DCN-v2 runs at a few hundred samples/s)")
+    p.add_argument("--precision-batch-sizes", type=common.int_list, default=[4096])
+    p.add_argument("--precision-repeats", type=common.positive_int, default=3,
+                   help="precision: round-robin rounds (median)")
     p.add_argument("--file", default=str(HERE / "data" / "synthetic" / "train.txt"),
                    help="Criteo-format file: the loader bench's input and the from-disk run's")
     p.add_argument("--loader-repeats", type=common.positive_int, default=3,
@@ -60,8 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default=str(common.RUNS))
     args = p.parse_args(argv)
     args.part_list = [x for x in args.parts.split(",") if x]
-    if not args.part_list or set(args.part_list) - {"loader", "train"}:
-        p.error("--parts is loader, train or loader,train")
+    if not args.part_list or set(args.part_list) - {"loader", "train", "precision"}:
+        p.error("--parts takes loader, train and/or precision")
     if "loader" in args.part_list and not Path(args.file).is_file():
         p.error(f"--file {args.file}: not found (the loader bench reads it; make one with "
                 "python stage2_ctr/01_make_subset.py --synthetic 2000000 --val-frac 0 "
@@ -95,11 +103,11 @@ def loader_part(args):
     lines += ["", f"2 workers (8 batches per transfer) vs the single process: {two / single:.2f}×."
               " The machine is shared and noisy: absolute rows/s move between runs by ±30%; "
               "the ratios within one run hold.", "",
-              f"Written by `python stage2_ctr/04_bench_throughput.py --parts loader --file "
+              f"Written by `python stage2_ctr/06_bench_throughput.py --parts loader --file "
               f"{args.file} --loader-repeats {args.loader_repeats}`."]
     common.write_text(Path(args.out_dir) / "stage2_loader.md", "\n".join(lines) + "\n")
     common.write_json(Path(args.runs_dir) / "bench_loader" / "metrics.json", {
-        "script": "stage2_ctr/04_bench_throughput.py", "model": None, "dataset": args.file,
+        "script": "stage2_ctr/06_bench_throughput.py", "model": None, "dataset": args.file,
         "device": "cpu", "seed": None, "config": {"repeats": args.loader_repeats,
                                                    "file_mib": size_mb, "cpus": os.cpu_count()},
         "results": results, "ratios": {"loader_vs_pandas": single / base,
@@ -113,8 +121,13 @@ def train_part(args):
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     names = ["ours", "ours, torch SparseAdam", "ours, dense table"]
-    if Path(args.file).exists():
-        names.append("ours, from disk")
+    cache_dir = None
+    if Path(args.file).exists():  # the same step fed by each input path of train_ctr.py
+        cache_dir = tempfile.TemporaryDirectory(prefix="ctr_bench_cache_")
+        cache = Path(cache_dir.name) / "cache"
+        print(f"writing a binary cache of {args.file} into {cache} (this run only)")
+        criteo.write_cache([args.file], cache, workers=1)
+        names += ["ours, from disk", "ours, binary cache", "ours, preloaded"]
     tmp = None
     if not args.skip_others:
         tmp = tempfile.TemporaryDirectory(prefix="ctr_bench_")
@@ -125,7 +138,8 @@ def train_part(args):
     peak = common.matmul_peak_gflops("cpu", "float32", repeats=5)
     results = {}
     for b in args.batch_sizes:
-        passes = {name: bench.CONTENDERS[name](args.rows, b, args.file) for name in names}
+        passes = {name: bench.CONTENDERS[name](args.rows, b, args.file,
+                                               cache_dir and cache) for name in names}
         speeds = {name: [] for name in names}
         for _ in tqdm(range(args.repeats), desc=f"batch {b}: rounds", leave=False):
             for name in names:  # round-robin: drift of the machine hits everyone alike
@@ -139,6 +153,8 @@ def train_part(args):
     if tmp:
         sys.path.remove(tmp.name)
         tmp.cleanup()
+    if cache_dir:
+        cache_dir.cleanup()
     write_train_report(args, results, peak, time.perf_counter() - t_start)
     return results
 
@@ -156,21 +172,85 @@ def write_train_report(args, results, peak, seconds):
         b = r["batch"]
         ref_dc = results.get(f"deepctr-torch b{b}", {}).get("samples_per_s")
         ref_fm = results.get(f"pytorch-fm b{b}", {}).get("samples_per_s")
+        ref_ours = results[f"ours b{b}"]["samples_per_s"]
         rows.append([b, r["config"], f"{r['samples_per_s']:,.0f}",
+                     f"{r['samples_per_s'] / ref_ours:.0%}",
                      f"{r['samples_per_s'] / ref_dc:.2f}×" if ref_dc else "-",
                      f"{r['samples_per_s'] / ref_fm:.2f}×" if ref_fm else "-",
                      f"{r['samples_per_s'] * flops / 1e9 / peak:.0%}"])
-    lines += common.markdown_table(["batch", "trainer", "samples/s", "vs DeepCTR-Torch fit",
+    lines += common.markdown_table(["batch", "trainer", "samples/s", "of ours in memory",
+                                    "vs DeepCTR-Torch fit",
                                     "vs pytorch-fm", "MLP share of the matmul peak"], rows)
-    lines += ["", f"Written by `python stage2_ctr/04_bench_throughput.py --parts train "
+    lines += ["", f"Written by `python stage2_ctr/06_bench_throughput.py --parts train "
               f"--threads {args.threads} --repeats {args.repeats}` in {seconds:.0f} s."]
     common.write_text(Path(args.out_dir) / "stage2_throughput.md", "\n".join(lines) + "\n")
     common.write_json(Path(args.runs_dir) / "bench_throughput" / "metrics.json", {
-        "script": "stage2_ctr/04_bench_throughput.py", "model": "deepfm", "dataset": "random",
+        "script": "stage2_ctr/06_bench_throughput.py", "model": "deepfm", "dataset": "random",
         "device": "cpu", "seed": 0, "config": {k: v for k, v in vars(args).items()},
         "matmul_peak_gflops": peak, "mlp_flops_per_sample": flops, "results": results,
         "wall_s": seconds})
     print("\n".join(lines))
+
+
+# ------------------------------------------------------------------- 3. fp32 against bf16
+def precision_part(args):
+    """DNN, DeepFM and DCN-v2 with and without bf16 autocast, data in memory, round-robin; the
+    matmul peak in both precisions measured in the same run (best of before and after)."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    native = training.cpu_has_native_bf16()
+    peaks = {dt: common.matmul_peak_gflops("cpu", dt, n=1024, repeats=5)
+             for dt in ("float32", "bfloat16")}
+    contenders = bench.precision_contenders()
+    results = {}
+    for b in args.precision_batch_sizes:
+        passes = {name: make(args.precision_rows, b, None) for name, make in contenders.items()}
+        speeds = {name: [] for name in passes}
+        for _ in tqdm(range(args.precision_repeats), desc=f"batch {b}: rounds", leave=False):
+            for name in passes:
+                speeds[name].append(passes[name]())
+        del passes
+        for name, s in speeds.items():
+            results[f"{name} b{b}"] = {"batch": b, "config": name, "all": s,
+                                       "samples_per_s": statistics.median(s)}
+            tqdm.write(f"batch {b:>5} {name:<12} {statistics.median(s):>10,.0f} samples/s")
+    for dt in peaks:
+        peaks[dt] = max(peaks[dt], common.matmul_peak_gflops("cpu", dt, n=1024, repeats=5))
+    lines = ["# Stage 2: fp32 against bf16 autocast on this CPU", "",
+             f"DNN, DeepFM, DCN-v2 (emb {bench.EMB}, MLP {'-'.join(map(str, bench.MLP))}, 3 cross "
+             f"layers), {args.precision_rows:,} rows in memory, {args.threads} threads, median of "
+             f"{args.precision_repeats} round-robin passes. This CPU "
+             f"{'has' if native else 'has no'} native bf16 (avx512_bf16 / amx_bf16 in "
+             f"/proc/cpuinfo). Matmul peak measured in the same run (1024^3, best of before and "
+             f"after): fp32 {peaks['float32']:,.0f} GFLOP/s, bf16 {peaks['bfloat16']:,.0f} "
+             "GFLOP/s. The shares count the model's matmul FLOPs (MLP, and DCN-v2's cross "
+             "layers) against the peak of the precision it ran in."
+             + ("" if native else " Without native bf16 the bf16 products run on a fallback "
+                "kernel whose speed depends on the shape: the 1024^3 'peak' is slower than the "
+                "model's own products, hence shares above 100%.") + "", ""]
+    rows = []
+    for b in args.precision_batch_sizes:
+        for name in bench.PRECISION_MODELS:
+            fp, bf = (results[f"{name} {p} b{b}"]["samples_per_s"] for p in ("fp32", "bf16"))
+            flops = bench.mlp_flops_per_sample(name=name)
+            rows.append([name, b, f"{fp:,.0f}", f"{bf:,.0f}", f"{bf / fp:.2f}×",
+                         f"{fp * flops / 1e9 / peaks['float32']:.0%}",
+                         f"{bf * flops / 1e9 / peaks['bfloat16']:.0%}"])
+    lines += common.markdown_table(["model", "batch", "fp32 samples/s", "bf16 samples/s",
+                                    "bf16 / fp32", "share of the fp32 peak (fp32 run)",
+                                    "share of the bf16 peak (bf16 run)"], rows)
+    lines += ["", f"Written by `python stage2_ctr/06_bench_throughput.py --parts precision "
+              f"--threads {args.threads} --precision-rows {args.precision_rows} "
+              f"--precision-batch-sizes {','.join(map(str, args.precision_batch_sizes))} "
+              f"--precision-repeats {args.precision_repeats}` in "
+              f"{time.perf_counter() - t_start:.0f} s."]
+    common.write_text(Path(args.out_dir) / "stage2_precision.md", "\n".join(lines) + "\n")
+    common.write_json(Path(args.runs_dir) / "bench_precision" / "metrics.json", {
+        "script": "stage2_ctr/06_bench_throughput.py", "device": "cpu", "native_bf16": native,
+        "matmul_peak_gflops": peaks, "results": results,
+        "config": {k: v for k, v in vars(args).items()}})
+    print("\n".join(lines))
+    return results
 
 
 def main(argv=None):
@@ -180,6 +260,8 @@ def main(argv=None):
         out["loader"] = loader_part(args)
     if "train" in args.part_list:
         out["train"] = train_part(args)
+    if "precision" in args.part_list:
+        out["precision"] = precision_part(args)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Stage 2, step 5: parse once, train many times - a binary cache of the loader's output.
+"""Stage 2, step 7: parse once, train many times - a binary cache of the loader's output.
 
 What you learn here: parsing text is the one cost of a CTR pipeline that does not shrink with
 the model. The text loader (02) parses ~0.3M rows/s per core here, which keeps an MLP model busy,
@@ -14,9 +14,9 @@ The cache is tied to its settings (hash bits, dense statistics, label columns): 
 meta.json, and BinaryStream refuses a cache whose files do not match it.
 
 Read with it: the "binary cache" part at the end of stage2_ctr/criteo.py.
-Run:    python stage2_ctr/05_binary_cache.py stage2_ctr/data/synthetic/train.txt \\
+Run:    python stage2_ctr/07_binary_cache.py stage2_ctr/data/synthetic/train.txt \\
             --out stage2_ctr/data/synthetic/train.bin [--stats FILE.stats.json] [--workers 2]
-        python stage2_ctr/05_binary_cache.py --read stage2_ctr/data/synthetic/train.bin
+        python stage2_ctr/07_binary_cache.py --read stage2_ctr/data/synthetic/train.bin
 Import: criteo.BinaryStream(folder, batch_size) - the same (dense, sparse, label) batches as
         CriteoStream, sharded over DataLoader workers and DDP ranks the same way
 Writes: <out>/{dense,sparse,label}.bin + meta.json (written as <out>.tmp, renamed when complete)

@@ -1,0 +1,155 @@
+"""MovieLens-100k: both file layouts read into the same frame, the click protocol, the genre bag
+against a naive loop, every model on the MovieLens schema, the chapter end to end on a tiny
+fixture made here (no download), and each bad input as one line."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_script
+
+from stage2_ctr import movielens
+from stage2_ctr.models import MODELS, build_model
+from stage2_ctr.models.layers import FieldSchema, FeatureEmbedding
+
+chapter = load_script("stage2_ctr/05_movielens.py")
+GENRES = movielens.GENRES
+
+
+def make_fixture(folder, n_users=30, n_items=40, n_ratings=900, seed=0, layout="recbole"):
+    """A tiny MovieLens in either layout, from the same random draw (item 7 is the "unkonwn"
+    movie with genre unknown; titles have commas, parentheses and non-ASCII letters)."""
+    g = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    users = [(u, int(g.integers(18, 60)), "MF"[u % 2], ["student", "other"][u % 3 == 0],
+              f"{10000 + u}") for u in range(1, n_users + 1)]
+    items = []
+    for i in range(1, n_items + 1):
+        genres = ["unknown"] if i == 7 else list(g.choice(GENRES[1:], int(g.integers(1, 4)),
+                                                         replace=False))
+        items.append((i, "unkonwn" if i == 7 else f"Café, the (part {i})",
+                      "unkonwn" if i == 7 else str(1980 + i % 20), genres))
+    inter = [(int(g.integers(1, n_users + 1)), int(g.integers(1, n_items + 1)),
+              int(g.integers(1, 6)), 880000000 + k) for k in range(n_ratings)]
+    if layout == "recbole":
+        (folder / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\t"
+                                              "timestamp:float\n" + "".join(
+                                                  f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in inter))
+        (folder / "ml-100k.user").write_text("user_id:token\tage:token\tgender:token\t"
+                                             "occupation:token\tzip_code:token\n" + "".join(
+                                                 f"{u}\t{a}\t{s}\t{o}\t{z}\n"
+                                                 for u, a, s, o, z in users))
+        (folder / "ml-100k.item").write_text("item_id:token\tmovie_title:token_seq\t"
+                                             "release_year:token\tclass:token_seq\n" + "".join(
+                                                 f"{i}\t{t}\t{y}\t{' '.join(gs)}\n"
+                                                 for i, t, y, gs in items))
+    else:
+        (folder / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in inter))
+        (folder / "u.user").write_text("".join(f"{u}|{a}|{s}|{o}|{z}\n" for u, a, s, o, z in
+                                               users))
+        lines = []
+        for i, t, y, gs in items:
+            date = "" if y == "unkonwn" else f"01-Jan-{y}"
+            flags = "|".join("1" if x in gs else "0" for x in GENRES)
+            lines.append(f"{i}|{t} ({y})|{date}||http://x/{i}|{flags}\n")
+        (folder / "u.item").write_bytes("".join(lines).encode("latin-1"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_fixture(tmp_path_factory.mktemp("ml") / "recbole")
+
+
+def test_both_layouts_read_into_the_same_frame(tmp_path):
+    a = movielens.read_frame(make_fixture(tmp_path / "a", layout="recbole"))
+    b = movielens.read_frame(make_fixture(tmp_path / "b", layout="grouplens"))
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) == 900
+    for col in ["user_id", "item_id", "rating", "timestamp", "age", "gender", "occupation",
+                "zip_code", "release_year"]:
+        assert a[col].tolist() == b[col].tolist(), col
+    assert [sorted(x) for x in a["genres"]] == [sorted(x) for x in b["genres"]]
+    unknown = a[a["item_id"] == "7"]
+    assert set(unknown["release_year"]) <= {"unkonwn"} and all(
+        g == ("unknown",) for g in unknown["genres"])
+
+
+def test_click_protocol_drops_rating_three(tiny):
+    frame = movielens.read_frame(tiny)
+    task = movielens.click_task(frame)
+    assert len(task) == (frame["rating"] != 3).sum()
+    assert (task["label"] == (task["rating"] >= 4)).all() and 3 not in set(task["rating"])
+    idx = movielens.split(task, "random", seed=0)
+    assert sorted(np.concatenate(list(idx.values()))) == list(range(len(task)))
+    by_time = movielens.split(task, "time")
+    assert task["timestamp"].iloc[by_time["train"]].max() <= task["timestamp"].iloc[
+        by_time["test"]].min()
+
+
+def test_genre_bag_is_the_mean_of_its_rows():
+    schema = FieldSchema(n_dense=0, n_sparse=2, n_buckets=20, bags=(3,))
+    emb = FeatureEmbedding(schema, 4)
+    sparse = torch.tensor([[1, 5, 10, 11, -1], [2, 6, 12, -1, -1], [3, 7, -1, -1, -1]])
+    out = emb(torch.zeros(3, 0), sparse)
+    table = emb.table.weight
+    for r in range(3):
+        ids = [i for i in sparse[r, 2:].tolist() if i >= 0]
+        naive = sum(table[i] for i in ids) / len(ids) if ids else torch.zeros(4)
+        assert torch.allclose(out[r, 2], naive, atol=1e-6)
+        assert torch.allclose(out[r, 0], table[sparse[r, 0]])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_runs_on_the_movielens_schema(tiny, name):
+    task = movielens.click_task(movielens.read_frame(tiny))
+    sparse, y, schema, _ = movielens.encode(task, movielens.split(task))
+    model = build_model(name, schema, emb_dim=4, mlp=(8,), cross_layers=1)
+    logits = model(torch.zeros(7, 0), torch.from_numpy(sparse[:7]))
+    assert logits.shape == (7,) and torch.isfinite(logits).all()
+    assert schema.n_fields == 8 and sparse.shape[1] == 7 + movielens.MAX_GENRES
+
+
+def test_chapter_quick_end_to_end_on_a_fixture(tiny, tmp_path):
+    chapter.main(["--quick", "--data-dir", str(tiny), "--out", str(tmp_path / "m.md"),
+                  "--runs-dir", str(tmp_path), "--epochs", "2"])
+    text = (tmp_path / "m.md").read_text()
+    assert "| deepfm |" in text and (tmp_path / "m.png").exists()
+    assert (tmp_path / "m.json").exists()
+
+
+def one_line(argv):
+    with pytest.raises(SystemExit) as e:
+        chapter.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("layout", ["recbole", "grouplens"])
+def test_bad_input_is_one_line(tmp_path, layout, capsys):
+    inter = "ml-100k.inter" if layout == "recbole" else "u.data"
+    folder = make_fixture(tmp_path / "m", layout=layout)
+    (folder / inter).unlink()
+    assert "not found" in one_line(["--quick", "--data-dir", str(folder)])
+    assert "--fetch" in one_line(["--quick", "--data-dir", str(folder)])
+    folder = make_fixture(tmp_path / "t", layout=layout)
+    text = (folder / inter).read_text()
+    (folder / inter).write_text(text[: len(text) // 2].rsplit("\t", 1)[0])  # cut mid-line
+    assert f"{inter}:" in one_line(["--quick", "--data-dir", str(folder)])
+    folder = make_fixture(tmp_path / "r", layout=layout)
+    lines = (folder / inter).read_text().splitlines()
+    k = 5  # line 6 of the file in both layouts (recbole's line 1 is its typed header)
+    fields = lines[k].split("\t")
+    fields[2] = "four"
+    lines[k] = "\t".join(fields)
+    (folder / inter).write_text("\n".join(lines) + "\n")
+    msg = one_line(["--quick", "--data-dir", str(folder)])
+    assert f"{inter}:6: rating 'four' is not 1-5" in msg
+
+
+def test_md5_mismatch_is_a_warning(tiny, monkeypatch):
+    warnings = movielens.md5_warnings(tiny)
+    assert len(warnings) == 3 and all("differs from the file in recbole" in w for w in warnings)
+    same = {name: hashlib.md5((tiny / name).read_bytes()).hexdigest() for name in movielens.MD5}
+    monkeypatch.setattr(movielens, "MD5", same)
+    assert movielens.md5_warnings(tiny) == []
