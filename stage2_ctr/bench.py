@@ -203,18 +203,22 @@ def ours_from_disk(rows, b, path):
         batches = criteo.iter_batches(loader, b)
         for _, batch in zip(range(8), batches):  # the worker's start and first item, untimed
             step(*batch)
-        t0, n = time.perf_counter(), 0
-        for k, (d, i, y) in enumerate(batches):
-            step(d, i, y)
-            n += len(y)
-            if k + 1 >= rows // b:
-                break
+        speed = timed_batches(step, batches, rows // b, path)
         del batches, loader
-        if n == 0:
-            raise SystemExit(f"{path}: too few rows for a timed pass at batch {b}")
-        return n / (time.perf_counter() - t0)
+        return speed
     one_pass()  # warm-up (first-touch of the table, the page cache of the file)
     return one_pass
+
+
+def timed_batches(step, batches, n_batches, source):
+    """samples/s of `step` over the next n_batches (dense, ids, label) of an iterator."""
+    t0, n = time.perf_counter(), 0
+    for _, (d, i, y) in zip(range(n_batches), batches):
+        step(d, i, y)
+        n += len(y)
+    if n == 0:
+        raise SystemExit(f"{source}: too few rows for a timed pass of {n_batches} batches")
+    return n / (time.perf_counter() - t0)
 
 
 def ours_from_cache(rows, b, cache, preload=False):
@@ -231,15 +235,7 @@ def ours_from_cache(rows, b, cache, preload=False):
         source = criteo.BinaryStream(cache, b)
 
     def one_pass():
-        t0, n = time.perf_counter(), 0
-        for k, (d, i, y) in enumerate(source):
-            step(d, i, y)
-            n += len(y)
-            if k + 1 >= rows // b:
-                break
-        if n == 0:
-            raise SystemExit(f"{cache}: too few rows for a timed pass at batch {b}")
-        return n / (time.perf_counter() - t0)
+        return timed_batches(step, iter(source), rows // b, cache)
     one_pass()  # warm-up (first-touch of the table, the page cache of the arrays)
     return one_pass
 
