@@ -32,8 +32,8 @@ import common  # noqa: E402
 from stage2_ctr import criteo  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
 from stage2_ctr.training import (TrainError, amp_dtype, autocast_for, check_inputs,  # noqa
-                                 dense_stats, epoch_batches, evaluate, load_last,
-                                 make_optimizers, make_step, oracle_scores, rare_filter,
+                                 cpu_has_native_bf16, dense_stats, epoch_batches, evaluate,
+                                 load_last, make_optimizers, make_step, oracle_scores, rare_filter,
                                  save_last, setup_distributed, train_source)
 
 DATA = Path(__file__).resolve().parent / "data" / "synthetic"
@@ -184,6 +184,9 @@ def prepare(cfg, resume, rank, world, device, say):
                                                    rare_filter=rare) for f in (cfg.val, cfg.test))
     model, optimizers, train_model, sparse = build(cfg, device)
     autocast = autocast_for(device, amp_dtype(cfg.amp, device))
+    if cfg.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        say("notice: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16/amx_bf16): "
+            "expect it to run several times slower than fp32 (results/stage2_precision.md)")
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:

@@ -113,3 +113,13 @@ def test_gpu_script_cpu_quick_path_writes_its_report(tmp_path, tiny_npz):
     assert "in device memory" in text and "DataLoader lesson" in text and "bf16" in text
     assert {r["source"] for r in rows} >= {"device", "binary", "loader-1"}
     assert gpu.parse_args(["--device", "cpu", "--quick"]).out.parts[-2:] == ("quick", "gpu.md")
+
+
+def test_forced_bf16_on_a_cpu_without_bf16_instructions_says_so(data, tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setattr(train_ctr, "cpu_has_native_bf16", lambda: False)
+    args = [a for a in argv(data, tmp_path, "--model", "lr", "--max-steps", "2", "--amp",
+                            "bf16", "--run-name", "notice") if a != "--quiet"]
+    train_ctr.main(args)
+    out = capsys.readouterr()
+    assert "--amp bf16 on a CPU without bf16 instructions" in out.out + out.err
