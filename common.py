@@ -94,6 +94,77 @@ def quick_or_results(quick):
     return RUNS / "quick" if quick else RESULTS
 
 
+# Flags that change how fast a chapter runs, never what it measures: a run with only these is
+# still the chapter's default run and may write its committed results file.
+HARMLESS_FLAGS = frozenset({"--threads", "--fresh", "--num-workers", "--workers", "--quiet",
+                            "--make-data", "--runs-dir", "--parallel", "--jobs"})
+
+
+def non_default_flags(argv, harmless=HARMLESS_FLAGS):
+    """The flags of argv (a chapter's command line, without the script) that are not harmless:
+    what makes a run other than the chapter's default one."""
+    return [a.split("=")[0] for a in argv if a.startswith("--")
+            and a.split("=")[0] not in harmless]
+
+
+def results_folder(argv, quick=False, harmless=HARMLESS_FLAGS):
+    """Where a chapter writes its results table. results/ (committed, quoted by the READMEs)
+    only for the default run: no flag but harmless ones. --quick runs go to runs/quick/, any
+    other run to runs/partial/, so a partial run (one model, one seed, another size) never
+    overwrites the full run's file. The file itself names the exact command (command_line)."""
+    if quick:
+        return RUNS / "quick"
+    return RUNS / "partial" if non_default_flags(argv, harmless) else RESULTS
+
+
+def command_line(script, argv):
+    """The exact command that reproduces a run: `python <script relative to the repo> <argv>`,
+    every flag as given (shell-quoted)."""
+    import shlex
+    script = Path(script).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join(["python", script.as_posix()] + [shlex.quote(str(a)) for a in argv])
+
+
+def cpu_name():
+    """The CPU model as /proc/cpuinfo names it, with its bf16/AMX flags (what decides whether
+    bf16 is fast): e.g. 'AMD EPYC (avx512_bf16)'."""
+    import platform
+    name, flags, fields = platform.processor() or platform.machine(), set(), {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    name = fields.get("model name", name)
+    if "cpu family" in fields:  # the same name covers several generations (AMD EPYC)
+        name += f" family {fields['cpu family']} model {fields.get('model', '?')}"
+    native = sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
+    return f"{name} ({', '.join(native) if native else 'no bf16/AMX instructions'})"
+
+
+def machine_line(device="cpu", threads=None):
+    """One line for every results file: the machine it was measured on. CPU model and its
+    bf16/AMX flags, cores, torch version, and the GPU when the device is CUDA."""
+    import torch
+    parts = [f"CPU {cpu_name()}, {os.cpu_count()} cores"]
+    if threads:
+        parts.append(f"{threads} torch threads")
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        d = torch.device(device)
+        parts.append(f"GPU {torch.cuda.get_device_name(d)} "
+                     f"(capability {'.'.join(map(str, torch.cuda.get_device_capability(d)))})")
+    parts.append(f"torch {torch.__version__}")
+    return "Machine: " + ", ".join(parts) + "."
+
+
 # ---------------------------------------------------------------------------------- reporting
 def mean_std(values, digits=4):
     """'mean ± std' (population std, 0 for one value); '-' for no values."""
