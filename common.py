@@ -7,10 +7,13 @@ imports that an IDE and an import-graph tool follow.
 """
 import argparse
 import ctypes
+import errno
+import functools
 import gc
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,20 +26,83 @@ RUNS = ROOT / "runs"
 
 
 # ------------------------------------------------------------------------------ atomic writes
+class OutputError(OSError):
+    """A file or folder that cannot be written (read-only, full disk, a name too long, a file
+    where a folder belongs): the message is one line naming the path and what to do."""
+
+
+def output_problem(path, e):
+    """One line for an OSError met while writing `path`."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)) or e.errno in (errno.EEXIST,
+                                                                         errno.ENOTDIR):
+        why = "a file stands where a folder of this path belongs; remove it or choose another path"
+    elif e.errno == errno.ENAMETOOLONG:
+        why = ("a name on this path is longer than the file system allows (255 bytes); choose "
+               "a shorter one")
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "not writable (read-only or no permission); choose a writable folder"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full; free some space or write elsewhere"
+    elif e.errno == errno.EISDIR:
+        why = "a folder stands where this file belongs; remove it or choose another path"
+    else:
+        why = f"{e.strerror or e}"
+    return OutputError(f"{path}: cannot write here: {why}")
+
+
 def atomic_write(path, write_fn):
     """write_fn(tmp_path) writes the file; it appears under `path` only once complete (a temp
-    file in the same folder, then os.replace), so a reader never sees half a file."""
+    file in the same folder, then os.replace), so a reader never sees half a file. Any OSError
+    on the way (full disk, read-only folder, ...) becomes an OutputError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name[:200] + ".", suffix=".tmp")
+        os.close(fd)
         write_fn(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as e:
+        raise output_problem(path, e) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(folder, flag):
+    """Before any work: create `folder` (and its parents) and write + remove a probe file in it,
+    so a read-only, misplaced or over-long output path ends the run in one line at the start,
+    not after an hour of training. `flag` names the option that chose the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_probe.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"{flag} {output_problem(folder, e)}") from None
+    return folder
+
+
+def one_line_errors(*kinds):
+    """Decorator for a chapter's main(): an exception of `kinds` (and OutputError always) ends
+    the run with its one-line message, `error: ...` and exit status 1, never a traceback;
+    Ctrl-C with one line too."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except (OutputError, *kinds) as e:
+                sys.exit(f"error: {e}")
+            except KeyboardInterrupt:
+                sys.exit("error: interrupted (Ctrl-C); the files written so far are complete "
+                         "(atomic writes), nothing else was written")
+        return run
+    return wrap
 
 
 def write_text(path, text):
@@ -103,6 +169,7 @@ HARMLESS_FLAGS = frozenset({"--threads", "--fresh", "--num-workers", "--workers"
 def non_default_flags(argv, harmless=HARMLESS_FLAGS):
     """The flags of argv (a chapter's command line, without the script) that are not harmless:
     what makes a run other than the chapter's default one."""
+    argv = sys.argv[1:] if argv is None else argv
     return [a.split("=")[0] for a in argv if a.startswith("--")
             and a.split("=")[0] not in harmless]
 
@@ -117,10 +184,18 @@ def results_folder(argv, quick=False, harmless=HARMLESS_FLAGS):
     return RUNS / "partial" if non_default_flags(argv, harmless) else RESULTS
 
 
+def results_file(argv, quick, name, device="cpu", harmless=HARMLESS_FLAGS):
+    """results_folder(argv, quick) / <name>.md, or <name>_cuda.md for a run on CUDA: the
+    committed tables are CPU measurements, and a GPU run never overwrites them."""
+    cuda = str(device).startswith("cuda")
+    return results_folder(argv, quick, harmless) / f"{name}{'_cuda' if cuda else ''}.md"
+
+
 def command_line(script, argv):
     """The exact command that reproduces a run: `python <script relative to the repo> <argv>`,
     every flag as given (shell-quoted)."""
     import shlex
+    argv = sys.argv[1:] if argv is None else argv
     script = Path(script).resolve()
     try:
         script = script.relative_to(ROOT)
@@ -317,6 +392,50 @@ def float_list(text):
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}")
+
+
+def checked_list(kind, ok, rule):
+    """An argparse type for a comma-separated list: at least one value, each kind(value) and
+    ok(value), else `must be comma-separated <rule>`. '--seeds ,' and '--ks 0' are errors."""
+    def parse(text):
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            values = None
+        if not values or not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"must be comma-separated {rule}, got {text!r}")
+        return values
+    parse.__name__ = f"{kind.__name__}_list"
+    return parse
+
+
+positive_int_list = checked_list(int, lambda v: v >= 1, "integers >= 1 (at least one)")
+seed_list = checked_list(int, lambda v: v >= 0, "seeds: integers >= 0 (at least one)")
+positive_float_list = checked_list(float, lambda v: v > 0 and np.isfinite(v),
+                                   "numbers > 0 (at least one)")
+non_negative_float_list = checked_list(float, lambda v: v >= 0 and np.isfinite(v),
+                                       "numbers >= 0 (at least one)")
+probability_list = checked_list(float, lambda v: 0 <= v < 1,
+                                "probabilities in [0, 1) (at least one)")
+
+
+def parse_with_quick(parser, argv, quick):
+    """parser.parse_args(argv) where --quick sets the defaults in `quick` ({dest: value}): a
+    flag the user gave keeps the user's value (`--quick --seeds 0,1` runs seeds 0 and 1)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
+def require_finite(values, what, hint="lower --lr or check the inputs"):
+    """values: {name: number}. A NaN or infinite metric ends the run with one line naming it,
+    before any table is written (a table of `nan ± nan` teaches nothing)."""
+    bad = [k for k, v in values.items() if not np.all(np.isfinite(np.asarray(v, float)))]
+    if bad:
+        sys.exit(f"error: {what} came out NaN or infinite for {'; '.join(map(str, bad[:4]))}"
+                 f"{' and more' if len(bad) > 4 else ''}: no table written; {hint}")
 
 
 def device_arg(text):

@@ -162,17 +162,16 @@ def report(args, splits, meta, out, meta_path):
           f"and {meta_path.name}")
 
 
+@common.one_line_errors(DataError)
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out) if args.out else HERE / (
         "adult_stage1_leaky.npz" if args.keep_leaky else "adult_stage1.npz")
     meta_path = out.with_name(out.stem + "_meta.json")
+    common.check_writable(out.parent, "--out")  # a read-only folder: one line, before the work
 
     # 1. data ----------------------------------------------------------------------------------
-    try:
-        train_full, test = load_both(args.data_dir, args.max_bad_fraction)
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    train_full, test = load_both(args.data_dir, args.max_bad_fraction)
     train_full, test = add_labels(train_full), add_labels(test)
     train, val = train_test_split(train_full, test_size=args.val_frac, random_state=args.seed,
                                   stratify=train_full["y_income"])

@@ -86,12 +86,12 @@ def report(metrics, cfg):
         print(f"wrote {metrics['run_dir']}/{{metrics.json, curves.png, model.pt}}")
 
 
+@common.one_line_errors(mtml.NpzError)
 def main(argv=None):
     cfg, run_dir, quiet = parse_args(argv)
-    try:
-        metrics = mtml.run(cfg, run_dir, quiet)
-    except mtml.NpzError as e:
-        sys.exit(f"error: {e}")
+    if run_dir is not None:  # a read-only or misplaced run folder: one line before training
+        common.check_writable(run_dir, "--runs-dir / --run-name")
+    metrics = mtml.run(cfg, run_dir, quiet)  # a full disk at the end: one line too (OutputError)
     if not quiet:
         report(metrics, cfg)
     return metrics

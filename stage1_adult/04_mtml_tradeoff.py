@@ -8,7 +8,8 @@ each, and read off whether sharing a backbone with task B helps, hurts or does n
 Run:    python stage1_adult/04_mtml_tradeoff.py [--seeds 0,1,2] [--threads 2]
 Read with it: stage1_adult/mtml.py (every training here is one mtml.run(config)).
 Reads:  stage1_adult/adult_stage1.npz (from 02_preprocess.py, leak-free)
-Writes: results/stage1_tradeoff.md, results/stage1_tradeoff.png, runs/stage1_tradeoff/metrics.json
+Writes: results/stage1_tradeoff.md + .png (only the default run: other flags write to
+        runs/partial/), runs/stage1_tradeoff/metrics.json
 Time:   ~6-8 min on 2 CPU cores (21 trainings).
 """
 import argparse
@@ -29,27 +30,31 @@ HERE = Path(__file__).resolve().parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--npz", default=str(HERE / "adult_stage1.npz"), help="output of 02")
-    p.add_argument("--wB", default="0,0.1,0.3,1,3", help="auxiliary weights to sweep (wA = 1)")
-    p.add_argument("--seeds", default="0,1,2", help="seeds per configuration")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--epochs", type=int, default=30, help="max epochs per training")
+    p.add_argument("--wB", type=common.non_negative_float_list, default=[0, 0.1, 0.3, 1, 3],
+                   help="auxiliary weights to sweep (wA = 1)")
+    p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2],
+                   help="seeds per configuration")
+    p.add_argument("--threads", type=common.positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--epochs", type=common.positive_int, default=30,
+                   help="max epochs per training")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where metrics.json goes")
-    p.add_argument("--out-dir", default=str(common.RESULTS), help="where the table/plot go")
+    p.add_argument("--out-dir", default=None,
+                   help="where the table/plot go (default results/ for the default run, "
+                        "runs/partial/ with other flags)")
     args = p.parse_args(argv)
-    try:
-        args.wB_list = [float(w) for w in args.wB.split(",")]
-        args.seed_list = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error("--wB and --seeds are comma-separated numbers")
-    if any(w < 0 for w in args.wB_list):
-        p.error("--wB values must be >= 0")
+    args.wB_list, args.seed_list = args.wB, args.seeds
+    args.out_dir = Path(args.out_dir or common.results_folder(argv))
     return args
 
 
+@common.one_line_errors(mtml.NpzError)
 def main(argv=None):
     args = parse_args(argv)
+    for folder, flag in [(args.out_dir, "--out-dir"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     base = mtml.MTMLConfig(npz=args.npz, threads=args.threads, epochs=args.epochs)
+    device = common.resolve_device(base.device)
     configs = [(f"multi-task wA=1 wB={w:g}", replace(base, tasks="both", wB=w))
                for w in args.wB_list]
     configs += [("single-task income", replace(base, tasks="income")),
@@ -66,8 +71,7 @@ def main(argv=None):
         print(f"{label:<26} income {common.mean_std(row['income']):<17} "
               f"married {common.mean_std(row['married'])}", flush=True)
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.out_dir
     lines = ["# Stage 1: the multi-task trade-off on Adult (leak-free inputs)", "",
              f"Test AUC (adult.test, {len(args.seed_list)} seeds, mean ± std); early stopping on "
              "validation income AUC (married AUC for the married-only model). "
@@ -77,8 +81,9 @@ def main(argv=None):
     lines += [f"| {r['config']} | {common.mean_std(r['income'])} | "
               f"{common.mean_std(r['married'])} |"
               for r in rows]
-    lines += ["", f"Written by `python stage1_adult/04_mtml_tradeoff.py --seeds {args.seeds} "
-              f"--threads {args.threads}` in {time.perf_counter() - t0:.0f} s."]
+    lines += ["", f"Command: `{common.command_line(__file__, argv)}` "
+              f"({time.perf_counter() - t0:.0f} s, device {device}).",
+              common.machine_line(device, args.threads)]
     common.write_text(out_dir / "stage1_tradeoff.md", "\n".join(lines) + "\n")
 
     plt = common.pyplot()
@@ -99,8 +104,10 @@ def main(argv=None):
 
     run_dir = Path(args.runs_dir) / "stage1_tradeoff"
     summary = {"script": "stage1_adult/04_mtml_tradeoff.py", "model": "shared_bottom_mlp",
-               "dataset": Path(args.npz).name, "device": "cpu", "seed": args.seed_list,
-               "config": vars(args), "rows": rows, "wall_s": time.perf_counter() - t0}
+               "dataset": Path(args.npz).name, "device": str(device), "seed": args.seed_list,
+               "command": common.command_line(__file__, argv),
+               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               "rows": rows, "wall_s": time.perf_counter() - t0}
     common.write_json(run_dir / "metrics.json", summary)
     print(f"wrote {out_dir / 'stage1_tradeoff.md'} and stage1_tradeoff.png")
 

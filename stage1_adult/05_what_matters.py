@@ -12,7 +12,8 @@ Read with it: stage1_adult/mtml.py (every training here is one mtml.run(config))
 Run:    python stage1_adult/05_what_matters.py [--seeds 0,1,2] [--threads 2]
 Reads:  stage1_adult/adult_stage1.npz and adult_stage1_leaky.npz (02, with and without
         --keep-leaky)
-Writes: results/stage1_encodings.md, runs/stage1_what_matters/metrics.json
+Writes: results/stage1_encodings.md (only the default run: other flags write to runs/partial/),
+        runs/stage1_what_matters/metrics.json
 Time:   ~8 min on 2 CPU cores.
 """
 import argparse
@@ -34,18 +35,20 @@ def parse_args(argv=None):
     p.add_argument("--npz", default=str(HERE / "adult_stage1.npz"), help="leak-free npz (02)")
     p.add_argument("--leaky-npz", default=str(HERE / "adult_stage1_leaky.npz"),
                    help="npz from 02 --keep-leaky")
-    p.add_argument("--seeds", default="0,1,2", help="seeds per configuration")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--loader-repeats", type=int, default=3,
+    p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2],
+                   help="seeds per configuration")
+    p.add_argument("--threads", type=common.positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--loader-repeats", type=common.positive_int, default=3,
                    help="timed one-epoch runs per loader (the median is reported)")
-    p.add_argument("--epochs", type=int, default=30, help="max epochs per training")
+    p.add_argument("--epochs", type=common.positive_int, default=30,
+                   help="max epochs per training")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where metrics.json goes")
-    p.add_argument("--out-dir", default=str(common.RESULTS), help="where the table goes")
+    p.add_argument("--out-dir", default=None,
+                   help="where the table goes (default results/ for the default run, "
+                        "runs/partial/ with other flags)")
     args = p.parse_args(argv)
-    try:
-        args.seed_list = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        p.error("--seeds is a comma-separated list of integers")
+    args.seed_list = args.seeds
+    args.out_dir = Path(args.out_dir or common.results_folder(argv))
     return args
 
 
@@ -54,10 +57,14 @@ def auc_cells(runs, split="test"):
             for t in ["income", "married"]}
 
 
+@common.one_line_errors(mtml.NpzError)
 def main(argv=None):
     args = parse_args(argv)
+    for folder, flag in [(args.out_dir, "--out-dir"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     base = mtml.MTMLConfig(npz=args.npz, threads=args.threads, epochs=args.epochs)
+    device = common.resolve_device(base.device)
     results = {"encodings": [], "leakage": [], "loader": []}
 
     # 1. numeric encodings, multi-task, leak-free ------------------------------------------------
@@ -91,17 +98,19 @@ def main(argv=None):
 
     # report -----------------------------------------------------------------------------------
     seconds = time.perf_counter() - t0
-    out_dir = Path(args.out_dir)
-    common.write_text(out_dir / "stage1_encodings.md", "\n".join(report(args, results, seconds))
-                      + "\n")
+    out_dir = args.out_dir
+    common.write_text(out_dir / "stage1_encodings.md",
+                      "\n".join(report(args, argv, results, seconds, device)) + "\n")
     summary = {"script": "stage1_adult/05_what_matters.py", "model": "shared_bottom_mlp",
-               "dataset": "adult", "device": "cpu", "seed": args.seed_list, "config": vars(args),
+               "dataset": "adult", "device": str(device), "seed": args.seed_list,
+               "command": common.command_line(__file__, argv),
+               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "results": results, "wall_s": seconds}
     common.write_json(Path(args.runs_dir) / "stage1_what_matters" / "metrics.json", summary)
     print(f"wrote {out_dir / 'stage1_encodings.md'}")
 
 
-def report(args, results, seconds):
+def report(args, argv, results, seconds, device):
     """The markdown lines of results/stage1_encodings.md."""
     lines = ["# Stage 1: what each choice is worth", "",
              f"Adult, shared-bottom MLP, test AUC on adult.test (mean ± std over "
@@ -122,8 +131,8 @@ def report(args, results, seconds):
               "|---|---|---|"]
     lines += [f"| `{r['loader']}` | {r['median']:,.0f} | {r['median'] / base:.2f}× |"
               for r in results["loader"]]
-    lines += ["", f"Written by `python stage1_adult/05_what_matters.py --seeds {args.seeds} "
-              f"--threads {args.threads}` in {seconds:.0f} s."]
+    lines += ["", f"Command: `{common.command_line(__file__, argv)}` ({seconds:.0f} s, device "
+              f"{device}).", common.machine_line(device, args.threads)]
     return lines
 
 

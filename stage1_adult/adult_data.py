@@ -79,6 +79,14 @@ def read_adult(path, max_bad_fraction=0.01):
     bad_why[n_fields != len(COLUMNS)] = (
         "expected 15 fields, got " + n_fields[n_fields != len(COLUMNS)].astype(str))
     ok = bad_why == ""
+    if not ok.any():  # no row to parse at all: say what the rows look like instead
+        counts = n_fields.value_counts()
+        hint = ("tab-separated? the UCI files separate fields with ', '"
+                if lines.iloc[0].count("\t") >= len(COLUMNS) - 1 else
+                "an extra or missing column on every row?")
+        raise DataError(f"{path}: no row has the {len(COLUMNS)} comma-separated fields of the "
+                        f"UCI Adult file ({counts.iloc[0]:,} of {len(lines):,} rows have "
+                        f"{counts.index[0]}): {hint}")
     parts = lines[ok].str.split(",", expand=True)
     parts.columns = COLUMNS
     parts = parts.apply(lambda col: col.str.strip())

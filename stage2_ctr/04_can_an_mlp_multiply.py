@@ -12,7 +12,8 @@ only part of it.
 Read with it: stage2_ctr/models/layers.py (MLP, the block every CTR model here uses).
 Run:    python stage2_ctr/04_can_an_mlp_multiply.py              # ~8 min on 2 cores
         python stage2_ctr/04_can_an_mlp_multiply.py --quick      # ~20 s
-Writes: results/stage2_mlp_dot.md + .png (--quick: runs/quick/), runs/stage2_mlp_dot.json
+Writes: results/stage2_mlp_dot.md + .png (only the default run: --quick writes to runs/quick/,
+        other flags to runs/partial/, CUDA to *_cuda.md), runs/stage2_mlp_dot.json
 """
 import argparse
 import sys
@@ -32,13 +33,13 @@ from stage2_ctr.models.layers import MLP  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ks", type=common.int_list, default=[4, 16, 64],
+    p.add_argument("--ks", type=common.positive_int_list, default=[4, 16, 64],
                    help="dimensions k of the true vectors p_u, q_i")
-    p.add_argument("--rows-per-id", type=common.int_list, default=[32, 128, 512],
+    p.add_argument("--rows-per-id", type=common.positive_int_list, default=[32, 128, 512],
                    help="training rows per user (and per item)")
     p.add_argument("--ids", type=common.positive_int, default=300,
                    help="users = items = this many")
-    p.add_argument("--widths", type=common.int_list, default=[128, 512],
+    p.add_argument("--widths", type=common.positive_int_list, default=[128, 512],
                    help="MLP hidden widths w (layers w, w/2)")
     p.add_argument("--noise", type=common.positive_float, default=0.5,
                    help="std of the label noise: the RMSE floor")
@@ -47,26 +48,29 @@ def parse_args(argv=None):
                    help="epochs without a val gain (the dot model starts slowly: small init)")
     p.add_argument("--lr", type=common.positive_float, default=1e-2)
     p.add_argument("--batch-size", type=common.positive_int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.non_negative_int, default=0)
+    p.add_argument("--device", type=common.device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=common.positive_int, default=2, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="k 4 and 16, 2 row counts, 2 widths")
+    p.add_argument("--quick", action="store_true",
+                   help="defaults k 4 and 16, 2 row counts, 2 widths, 150 ids, 20 epochs")
     p.add_argument("--out", default=None, help="default results/stage2_mlp_dot.md")
     p.add_argument("--runs-dir", default=str(common.RUNS))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.ks, args.rows_per_id, args.widths, args.epochs = [4, 16], [64, 256], [64, 256], 20
-        args.ids = 150
-    args.out = Path(args.out or common.quick_or_results(args.quick) / "stage2_mlp_dot.md")
+    args = common.parse_with_quick(p, argv, dict(ks=[4, 16], rows_per_id=[64, 256],
+                                                 widths=[64, 256], epochs=20, ids=150))
+    args.device = common.resolve_device(args.device)
+    args.out = Path(args.out or common.results_file(argv, args.quick, "stage2_mlp_dot",
+                                                    args.device))
     return args
 
 
 # -------------------------------------------------------------------------------------- data
-def make_data(k, n_ids, rows_per_id, noise, seed):
+def make_data(k, n_ids, rows_per_id, noise, seed, device="cpu"):
     """Users and items with true vectors of entries ~ N(0, 1/sqrt(k)) (std k^-1/4), so that
     <p_u, q_i> = sum of k products of variance 1/k has variance 1 whatever k; rows are random
     (user, item) pairs, y = <p_u, q_i> + N(0, noise^2).
-    Validation and test pairs are fresh pairs of the same users and items. Also returns the
-    noise floor: the test RMSE of the truth <p_u, q_i> itself."""
+    Validation and test pairs are fresh pairs of the same users and items, all on `device`.
+    Also returns the noise floor: the test RMSE of the truth <p_u, q_i> itself."""
     g = np.random.default_rng([seed, k, rows_per_id])
     p = g.normal(0, k ** -0.25, (n_ids, k)).astype(np.float32)
     q = g.normal(0, k ** -0.25, (n_ids, k)).astype(np.float32)
@@ -79,7 +83,9 @@ def make_data(k, n_ids, rows_per_id, noise, seed):
     n_train = n_ids * rows_per_id
     (train, _), (val, _), (test, truth) = rows(n_train), rows(max(n_train // 8, 4000)), rows(
         20_000)
-    return train, val, test, float(np.sqrt(np.mean((test[2].numpy() - truth) ** 2)))
+    floor = float(np.sqrt(np.mean((test[2].numpy() - truth) ** 2)))
+    train, val, test = (tuple(t.to(device) for t in split) for split in (train, val, test))
+    return train, val, test, floor
 
 
 # ------------------------------------------------------------------------------------ models
@@ -131,7 +137,7 @@ def fit(model, train, val, test, lr, epochs, patience, batch_size, seed):
     best, best_state, bad = float("inf"), None, 0
     u, i, y = train
     for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(batch_size):
+        for idx in torch.randperm(len(y), generator=g).to(y.device).split(batch_size):
             loss = ((model(u[idx], i[idx]) - y[idx]) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -144,6 +150,8 @@ def fit(model, train, val, test, lr, epochs, patience, batch_size, seed):
             bad += 1
             if bad >= patience:
                 break
+    if best_state is None:  # every epoch NaN: diverged (main() says so in one line)
+        return {"val_rmse": float("nan"), "test_rmse": float("nan")}
     model.load_state_dict(best_state)
     return {"val_rmse": best, "test_rmse": rmse(model, test)}
 
@@ -151,7 +159,8 @@ def fit(model, train, val, test, lr, epochs, patience, batch_size, seed):
 def run_all(args):
     rows, jobs = [], [(k, r) for k in args.ks for r in args.rows_per_id]
     for k, rows_per_id in tqdm(jobs, desc="k x rows per id"):
-        train, val, test, floor = make_data(k, args.ids, rows_per_id, args.noise, args.seed)
+        train, val, test, floor = make_data(k, args.ids, rows_per_id, args.noise, args.seed,
+                                            args.device)
         models = {"dot": lambda: DotModel(args.ids, k)} | {
             f"mlp {w}": (lambda w=w: MLPModel(args.ids, k, w)) for w in args.widths}
         # at least 32 steps an epoch: with 5 (300 ids x 32 rows, batch 2048) early stopping
@@ -159,7 +168,7 @@ def run_all(args):
         batch_size = min(args.batch_size, max(64, len(train[2]) // 32))
         for name, make_model in models.items():
             torch.manual_seed(args.seed)  # the same initial draws for every cell
-            model = make_model()
+            model = make_model().to(args.device)
             r = fit(model, train, val, test, args.lr, args.epochs, args.patience,
                     batch_size, args.seed)
             rows.append({"k": k, "rows_per_id": rows_per_id, "model": name, "floor": floor,
@@ -170,7 +179,7 @@ def run_all(args):
 
 
 # ------------------------------------------------------------------------------------ report
-def report(args, rows, seconds):
+def report(args, argv, rows, seconds):
     names = ["dot"] + [f"mlp {w}" for w in args.widths]
     lines = ["# Stage 2: can an MLP learn a dot product?", "",
              f"y = <p_u, q_i> + N(0, {args.noise}²), {args.ids:,} users x {args.ids:,} items, "
@@ -190,9 +199,8 @@ def report(args, rows, seconds):
             table.append([k, r] + [f"{cell[n]:+.4f}" for n in names]
                          + [f"{best_mlp - cell['dot']:+.4f}"])
     lines += common.markdown_table(["k", "rows per id"] + names + ["best MLP - dot"], table)
-    lines += ["", f"Written by `python stage2_ctr/04_can_an_mlp_multiply.py"
-              f"{' --quick' if args.quick else ''}` in {seconds / 60:.1f} min "
-              f"({args.threads} threads)."]
+    lines += ["", f"Command: `{common.command_line(__file__, argv)}` ({seconds / 60:.1f} min, "
+              f"device {args.device}).", common.machine_line(args.device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
@@ -216,18 +224,24 @@ def plot(args, rows, path):
     common.save_figure(fig, path)
 
 
+@common.one_line_errors()
 def main(argv=None):
     args = parse_args(argv)
     common.set_threads(args.threads)
+    for folder, flag in [(args.out.parent, "--out"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     rows = run_all(args)
     seconds = time.perf_counter() - t0
-    text = report(args, rows, seconds)
+    common.require_finite({f"k {r['k']}, {r['rows_per_id']} rows per id, {r['model']}":
+                           r["test_rmse"] for r in rows}, "the test RMSE", "lower --lr")
+    text = report(args, argv, rows, seconds)
     common.write_text(args.out, text)
     plot(args, rows, args.out.with_suffix(".png"))
     common.write_json(Path(args.runs_dir) / (args.out.stem + ".json"),
                       {"script": "stage2_ctr/04_can_an_mlp_multiply.py",
-                       "config": {k: str(v) if isinstance(v, Path) else v
+                       "command": common.command_line(__file__, argv),
+                       "config": {k: str(v) if isinstance(v, (Path, torch.device)) else v
                                   for k, v in vars(args).items()},
                        "rows": rows, "wall_s": seconds})
     print(text)

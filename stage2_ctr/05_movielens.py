@@ -10,7 +10,8 @@ an embedding model should beat gradient boosting, which sees user and item ids o
 categories to split on. Learning rate, weight decay (on the embeddings too) and dropout are
 chosen on validation; the table reports the test split of 5 seeds.
 
-Read with it: stage2_ctr/movielens.py (files, task, arrays), stage2_ctr/training.py (fit).
+Read with it: stage2_ctr/movielens.py (files, task, arrays), stage2_ctr/training.py (fit),
+stage2_ctr/gbdt.py (the LightGBM baseline).
 Run:    python stage2_ctr/05_movielens.py            # fetches the data once; ~11 min on 2 cores
         python stage2_ctr/05_movielens.py --quick    # DeepFM, 1 seed, random split: < 1 min
         python stage2_ctr/05_movielens.py --fetch    # only fetch (pip download of a 2 MB wheel)
@@ -20,9 +21,7 @@ Writes: results/stage2_movielens.md + .png (--quick: runs/quick/), runs/stage2_m
 import argparse
 import contextlib
 import itertools
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -34,9 +33,10 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import movielens  # noqa: E402
+from stage2_ctr import gbdt, movielens  # noqa: E402
 from stage2_ctr.models import MODELS, build_model  # noqa: E402
-from stage2_ctr.training import CTRInputs, bce, fit, predict_in_memory  # noqa: E402
+from stage2_ctr.training import (CTRInputs, TrainError, bce, fit,  # noqa: E402
+                                 predict_in_memory)
 
 MLP_MODELS = {"dnn", "deepfm", "dcn", "dcnv2"}
 
@@ -47,13 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=str(movielens.DATA_DIR),
                    help="the ml-100k files (recbole's or GroupLens's layout)")
     p.add_argument("--fetch", action="store_true", help="fetch the files and stop")
-    p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--seeds", type=common.int_list, default=[0, 1, 2, 3, 4])
+    p.add_argument("--models", default=",".join(MODELS), help=f"from {','.join(MODELS)}")
+    p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2, 3, 4])
     p.add_argument("--splits", default="random,time", help="random (8:1:1) and/or time")
-    p.add_argument("--lrs", type=common.float_list, default=[1e-3, 3e-3])
-    p.add_argument("--weight-decays", type=common.float_list, default=[0.0, 0.3, 1.0],
-                   help="AdamW weight decay, embeddings included")
-    p.add_argument("--dropouts", type=common.float_list, default=[0.0, 0.3],
+    p.add_argument("--lrs", type=common.positive_float_list, default=[1e-3, 3e-3])
+    p.add_argument("--weight-decays", type=common.non_negative_float_list,
+                   default=[0.0, 0.3, 1.0], help="AdamW weight decay, embeddings included")
+    p.add_argument("--dropouts", type=common.probability_list, default=[0.0, 0.3],
                    help="dropout of the MLP models")
     p.add_argument("--emb-dim", type=common.positive_int, default=16)
     p.add_argument("--mlp", type=common.layer_list, default=(256, 128))
@@ -61,24 +61,29 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=common.positive_int, default=30)
     p.add_argument("--patience", type=common.positive_int, default=3)
     p.add_argument("--skip-gbdt", action="store_true", help="no LightGBM baseline")
+    p.add_argument("--device", type=common.device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N (on CUDA one training at a time)")
     p.add_argument("--threads", type=common.positive_int, default=2,
                    help="torch CPU threads (of the one process with --jobs 1; and LightGBM's)")
     p.add_argument("--jobs", type=common.positive_int, default=2,
                    help="trainings at a time, each in a process with 1 torch thread")
     p.add_argument("--quick", action="store_true",
-                   help="DeepFM, seed 0, random split, no grid, no boosting")
+                   help="defaults DeepFM, seed 0, random split, no grid, no boosting")
     p.add_argument("--out", default=None, help="default results/stage2_movielens.md")
     p.add_argument("--runs-dir", default=str(common.RUNS))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.models, args.seeds, args.splits, args.skip_gbdt = "deepfm", [0], "random", True
-        args.jobs = 1
-        args.lrs, args.weight_decays, args.dropouts = [3e-3], [0.0], [0.0]
+    args = common.parse_with_quick(p, argv, dict(
+        models="deepfm", seeds=[0], splits="random", skip_gbdt=True, jobs=1, lrs=[3e-3],
+        weight_decays=[0.0], dropouts=[0.0]))
     args.model_list = [m for m in args.models.split(",") if m]
     args.split_list = [s for s in args.splits.split(",") if s]
-    if set(args.model_list) - set(MODELS) or set(args.split_list) - {"random", "time"}:
-        p.error(f"--models from {MODELS}, --splits from random,time")
-    args.out = Path(args.out or common.quick_or_results(args.quick) / "stage2_movielens.md")
+    if (not args.model_list or set(args.model_list) - set(MODELS) or not args.split_list
+            or set(args.split_list) - {"random", "time"}):
+        p.error(f"--models from {','.join(MODELS)}, --splits from random,time (at least one)")
+    args.device = common.resolve_device(args.device)
+    if args.device.type == "cuda":
+        args.jobs = 1  # one process owns the GPU (a CUDA context does not survive fork)
+    args.out = Path(args.out or common.results_file(argv, args.quick, "stage2_movielens",
+                                                    args.device))
     return args
 
 
@@ -89,7 +94,7 @@ def load(args):
     try:
         movielens.layout(folder)
     except movielens.MovieLensError:
-        if folder.resolve() != movielens.DATA_DIR.resolve():
+        if folder.resolve() != movielens.DATA_DIR.resolve() or folder.is_file():
             raise
         print(f"{folder}: no MovieLens files yet; fetching them once (not committed: the "
               "licence of the data does not allow redistribution)")
@@ -100,6 +105,13 @@ def load(args):
     out = {}
     for kind in args.split_list:
         idx = movielens.split(task, kind, seed=0)
+        for part, i in idx.items():  # AUC needs both labels in every part
+            labels = task["label"].to_numpy()[i]
+            if len(i) == 0 or labels.min() == labels.max():
+                raise movielens.MovieLensError(
+                    f"the {kind} split's {part} part has {len(i)} rows, {int(labels.sum())} of "
+                    f"them positive: AUC needs both labels; {len(task):,} ratings are too few "
+                    "for an 8:1:1 split")
         sparse, y, schema, sizes = movielens.encode(task, idx)
         sparse, y = torch.from_numpy(sparse.copy()), torch.from_numpy(y.copy())[:, None]
         out[kind] = ({s: ({"dense": torch.zeros(len(i), 0), "sparse": sparse[i]}, y[i])
@@ -119,6 +131,9 @@ def train_one(args, name, schema, data, lr, wd, dropout, seed):
     out = {"best_epoch": info["best_epoch"]}
     for split in ("val", "test"):
         p = torch.sigmoid(predict_in_memory(model, data[split][0]))[:, 0].numpy()
+        if not np.isfinite(p).all():
+            raise TrainError(f"{name} (lr {lr:g}, wd {wd:g}) predicts NaN on {split}: no table "
+                             "written; lower --lrs")
         out[split] = common.auc_logloss(data[split][1][:, 0].numpy(), p)
     return out
 
@@ -170,18 +185,8 @@ def tune_and_run(args, splits, pool):
 
 
 # -------------------------------------------------------------------------- the baseline
-def lightgbm_module():
-    """LightGBM, pip-installed into a temporary folder for this run only (never a project
-    dependency): returns (module, the folder to clean up)."""
-    tmp = tempfile.TemporaryDirectory(prefix="lightgbm_")
-    print(f"installing lightgbm into {tmp.name} (this run only)")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    tmp.name, "lightgbm==4.7.0"], check=True)
-    sys.path.insert(0, tmp.name)
-    import lightgbm
-    return lightgbm, tmp
-
-
+# LightGBM (stage2_ctr/gbdt.py: installed for this run only, tuned on validation) sees the 7
+# ids as categorical codes and the genres as 0/1 flags.
 def gbdt_features(data, sizes):
     """The 7 ids as categorical codes (each field's offset in the shared table removed) and one
     0/1 column per genre."""
@@ -199,33 +204,6 @@ def gbdt_features(data, sizes):
     return out
 
 
-def gbdt(args, lgb, splits):
-    """Tuned on validation (seed 0, first split): leaves x minimum leaf size; early stopping
-    on validation AUC; then every seed (bagging and feature sampling seeds) on every split."""
-    n_cat = len(movielens.ID_FIELDS)
-    space = [dict(num_leaves=nl, min_data_in_leaf=md, learning_rate=0.05, cat_smooth=10,
-                  feature_fraction=0.8, bagging_fraction=0.8, bagging_freq=1, verbose=-1,
-                  objective="binary", metric="auc", num_threads=args.threads)
-             for nl in (15, 63) for md in (20, 100)]
-
-    def run(feats, params, seed):
-        train = lgb.Dataset(feats["train"][0], feats["train"][1],
-                            categorical_feature=list(range(n_cat)))
-        val = lgb.Dataset(feats["val"][0], feats["val"][1], reference=train)
-        booster = lgb.train(dict(params, seed=seed), train, num_boost_round=3000,
-                            valid_sets=[val], callbacks=[lgb.early_stopping(50, verbose=False)])
-        out = {"best_epoch": booster.best_iteration}
-        for split in ("val", "test"):
-            out[split] = common.auc_logloss(feats[split][1], booster.predict(
-                feats[split][0], num_iteration=booster.best_iteration))
-        return out
-    feats = {kind: gbdt_features(data, sizes) for kind, (data, _, sizes) in splits.items()}
-    first = args.split_list[0]
-    tried = [run(feats[first], params, args.seeds[0]) for params in space]
-    best = space[int(np.argmax([t["val"]["auc"] for t in tried]))]
-    return best, {kind: [run(feats[kind], best, s) for s in args.seeds] for kind in feats}
-
-
 # ------------------------------------------------------------------------------------ report
 def summary(runs):
     """mean ± std of test AUC and log loss, and the mean best epoch, over the seeds."""
@@ -236,7 +214,7 @@ def summary(runs):
             "epoch": float(np.mean([r["best_epoch"] for r in runs]))}
 
 
-def report(args, results, gbdt_result, task, seconds):
+def report(args, argv, results, gbdt_result, task, seconds):
     lines = ["# Stage 2: MovieLens-100k as a click task", "",
              f"{len(task):,} ratings (rating 3 dropped), label = rating >= 4 "
              f"({task['label'].mean():.1%} positive); fields user, item, age, gender, "
@@ -273,9 +251,9 @@ def report(args, results, gbdt_result, task, seconds):
                                      f"{r['val']['auc']:.4f}", r["best_epoch"]]
                                     for name, (tried, _, _) in results.items()
                                     for c, r in tried.items()])
-    flags = " --quick" if args.quick else ""
-    lines += ["", f"Written by `python stage2_ctr/05_movielens.py{flags}` in "
-              f"{seconds / 60:.1f} min ({args.jobs} runs at a time)."]
+    lines += ["", f"Command: `{common.command_line(__file__, argv)}` ({seconds / 60:.1f} min, "
+              f"{args.jobs} runs at a time, device {args.device}).",
+              common.machine_line(args.device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
@@ -313,36 +291,39 @@ def plot(args, results, gbdt_result, path):
     common.save_figure(fig, path)
 
 
+@common.one_line_errors(movielens.MovieLensError, gbdt.BaselineError, TrainError)
 def main(argv=None):
     args = parse_args(argv)
     common.set_threads(args.threads)
     t0 = time.perf_counter()
-    try:
-        if args.fetch:
-            return movielens.fetch(args.data_dir)
-        splits, task = load(args)
-    except movielens.MovieLensError as e:
-        sys.exit(f"error: {e}")
+    if args.fetch:
+        return movielens.fetch(args.data_dir)
+    for folder, flag in [(args.out.parent, "--out"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)  # before an hour of training, not after
+    splits, task = load(args)
     print(f"MovieLens-100k click task: {len(task):,} rows, {task['label'].mean():.1%} positive; "
           + ", ".join(f"{k} split: {len(d['train'][1]):,} train" for k, (d, _, _) in
-                      splits.items()))
+                      splits.items()) + f"; device {args.device}")
     _SHARED.update(args=args, splits=splits, jobs=args.jobs)
-    with (ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) if args.jobs > 1
-          else contextlib.nullcontext()) as pool:
-        results = tune_and_run(args, splits, pool)
     gbdt_result = None
-    if not args.skip_gbdt:
-        lgb, tmp = lightgbm_module()
-        gbdt_result = gbdt(args, lgb, splits)
-        sys.path.remove(tmp.name)
-        tmp.cleanup()
+    # LightGBM is installed first: without network that is one line now, not after training
+    with contextlib.nullcontext() if args.skip_gbdt else gbdt.lightgbm() as lgb:
+        with (ProcessPoolExecutor(args.jobs, mp_context=get_context("fork"))
+              if args.jobs > 1 else contextlib.nullcontext()) as pool:
+            results = tune_and_run(args, splits, pool)
+        if lgb is not None:
+            feats = {kind: gbdt_features(d, sizes) for kind, (d, _, sizes) in splits.items()}
+            gbdt_result = gbdt.tune_and_run(lgb, feats, len(movielens.ID_FIELDS), args.seeds,
+                                            args.split_list[0], args.threads)
     seconds = time.perf_counter() - t0
-    text = report(args, results, gbdt_result, task, seconds)
+    text = report(args, argv, results, gbdt_result, task, seconds)
     common.write_text(args.out, text)
     plot(args, results, gbdt_result, args.out.with_suffix(".png"))
     common.write_json(Path(args.runs_dir) / (args.out.stem + ".json"), {
         "script": "stage2_ctr/05_movielens.py", "dataset": "ml-100k", "seed": args.seeds,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "command": common.command_line(__file__, argv), "device": str(args.device),
+        "config": {k: str(v) if isinstance(v, (Path, torch.device)) else v
+                   for k, v in vars(args).items()},
         "results": {n: {"picked": list(c), "runs": r} for n, (_, c, r) in results.items()},
         "gbdt": gbdt_result and {"picked": gbdt_result[0], "runs": gbdt_result[1]},
         "wall_s": seconds})

@@ -14,6 +14,13 @@ The task (the AutoInt protocol): ratings of 3 are dropped, label = rating >= 4 (
 positive). Fields: user_id, item_id, age, gender, occupation, zip_code, release_year (ids) and
 genres (a bag of 1-6 genre ids per movie). Real-data quirks kept: movie 267 has the title and
 release year "unkonwn" and the genre "unknown" (its year becomes the "unknown" value).
+
+Damaged files are not trained on: a line with the wrong number of fields, a rating outside 1-5,
+a timestamp that is not a number, a rating whose user or item has no line in its file, a recbole
+file without its typed header, a file with no rows - each is one line naming file:line (and how
+many more there are), with the command that fetches a fresh copy. Repeated lines have one rule:
+one line per user id, per item id and per (user, item) rating - the first is kept, the repeats
+are dropped, counted and reported.
 """
 import hashlib
 import shutil
@@ -25,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+import common
 
 DATA_DIR = Path(__file__).resolve().parent / "data" / "ml-100k"
 RECBOLE = "recbole==1.2.1"
@@ -57,21 +66,29 @@ def fetch(folder=DATA_DIR):
                                "-d", tmp, RECBOLE], capture_output=True, text=True)
         wheels = list(Path(tmp).glob("recbole-*.whl"))
         if done.returncode or not wheels:
-            raise MovieLensError(f"pip download {RECBOLE} failed ({done.stderr.strip()[-200:]});"
-                                 f" put ml-100k.inter/.user/.item into {folder} by hand")
-        folder.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            for name in FILES.values():
-                with wheel.open(f"recbole/dataset_example/ml-100k/{name}") as src, \
-                        open(folder / (name + ".tmp"), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                (folder / (name + ".tmp")).replace(folder / name)
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][-200:]
+            raise MovieLensError(f"pip download {RECBOLE} failed ({last}); put "
+                                 f"ml-100k.inter/.user/.item into {folder} by hand")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                for name in FILES.values():
+                    with wheel.open(f"recbole/dataset_example/ml-100k/{name}") as src, \
+                            open(folder / (name + ".tmp"), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    (folder / (name + ".tmp")).replace(folder / name)
+        except OSError as e:
+            raise MovieLensError(f"{common.output_problem(folder, e)} (the data folder: "
+                                 "choose another --data-dir)") from None
     return folder
 
 
 def layout(folder):
     """'recbole' or 'grouplens' by the files present; MovieLensError when neither is complete."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MovieLensError(f"{folder}: is a file, not a folder; --data-dir names the folder "
+                             "that holds ml-100k.inter/.user/.item (or u.data/u.user/u.item)")
     for name, files in [("recbole", FILES), ("grouplens", GROUPLENS)]:
         if all((folder / f).is_file() for f in files.values()):
             return name
@@ -90,69 +107,135 @@ def md5_warnings(folder):
     return out
 
 
-def read_table(path, sep, names, encoding="utf-8"):
-    """A delimited file as strings, every row checked to have len(names) fields."""
+def read_table(path, sep, names, encoding="utf-8", header=None):
+    """A delimited file as strings plus `line` (its 1-based line number), every row checked to
+    have len(names) fields. header: the field names of recbole's typed header line
+    (`user_id:token ...`), which must be line 1 and is dropped - a file without it would
+    otherwise lose its first real row."""
+    path = Path(path)
     try:
-        text = Path(path).read_text(encoding=encoding)
+        text = path.read_text(encoding=encoding)
     except UnicodeDecodeError as e:
         raise MovieLensError(f"{path}: not {encoding} text ({e.reason}); run `{FETCH}`") from None
-    lines = text.split("\n")
+    except OSError as e:
+        raise MovieLensError(f"{path}: cannot read it ({e.strerror}); check its permissions or "
+                             f"run `{FETCH}`") from None
+    lines = text.replace("\r\n", "\n").split("\n")
     if lines and lines[-1] == "":
         lines = lines[:-1]
+    first = 1
+    if header is not None and lines:
+        got = [f.split(":")[0] for f in lines[0].split(sep)]
+        if got != header:
+            raise MovieLensError(
+                f"{path}:1: recbole's layout starts with the typed header "
+                f"{sep.join(h + ':...' for h in header)!r}, this file with "
+                f"{lines[0][:40]!r}: without it the first real row "
+                f"would be read as the header; run `{FETCH}` (GroupLens's files without "
+                "headers are u.data/u.user/u.item)")
+        lines, first = lines[1:], 2
+    if not lines:
+        raise MovieLensError(f"{path}: no data rows (empty{' or header only' if header else ''}"
+                             f"); run `{FETCH}`")
     rows = [line.split(sep) for line in lines]
     for i, r in enumerate(rows):
         if len(r) != len(names):
-            raise MovieLensError(f"{path}:{i + 1}: {len(r)} fields, expected {len(names)} "
+            raise MovieLensError(f"{path}:{i + first}: {len(r)} fields, expected {len(names)} "
                                  f"({', '.join(names)}): truncated or damaged; run `{FETCH}`")
-    return pd.DataFrame(rows, columns=names)
+    return pd.DataFrame(rows, columns=names).assign(line=np.arange(first, first + len(rows)))
 
 
-def read_frame(folder=DATA_DIR):
+def parse_ratings(inter, path):
+    """rating (1-5) and timestamp (a finite number) parsed; a line with either unreadable is a
+    bad row: the first is named with its line, the rest counted (a damaged file is fetched
+    again, not trained on - a NaN timestamp would sort into the time split's test part)."""
+    rating = pd.to_numeric(inter["rating"], errors="coerce")
+    stamp = pd.to_numeric(inter["timestamp"], errors="coerce")
+    why = pd.Series("", index=inter.index)
+    bad = ~rating.isin([1, 2, 3, 4, 5])
+    why[bad] = "rating " + inter.loc[bad, "rating"].map(repr) + " is not 1-5"
+    bad = ~np.isfinite(stamp.astype(np.float64)) & (why == "")
+    why[bad] = "timestamp " + inter.loc[bad, "timestamp"].map(repr) + " is not a number"
+    bad = why != ""
+    if bad.any():
+        n, line = int(bad.sum()), int(inter.loc[bad, "line"].iloc[0])
+        raise MovieLensError(f"{path}:{line}: {why[bad].iloc[0]}"
+                             + (f" (and {n - 1} more bad lines)" if n > 1 else "")
+                             + f"; run `{FETCH}`")
+    return inter.assign(rating=rating.astype(int), timestamp=stamp)
+
+
+def first_of_each(table, key, path, what, say):
+    """The rule for repeated lines: one line per key (a user id, an item id, a (user, item)
+    rating) - the first is kept, the repeats are dropped, counted and reported (with how many
+    of them disagree with the line kept)."""
+    repeat = table.duplicated(key, keep="first")
+    if not repeat.any():
+        return table
+    same = table.drop(columns="line").duplicated(keep="first") & repeat
+    r = table[repeat].iloc[0]
+    shown = " ".join(f"{k} {r[k]}" for k in (key if isinstance(key, list) else [key]))
+    say(f"{path}: {int(repeat.sum())} repeated {what} line(s) dropped (one line per {what}, the "
+        f"first kept; {int((repeat & ~same).sum())} of the repeats disagree with it; first: "
+        f"line {r['line']}, {shown})")
+    return table[~repeat]
+
+
+def check_known(inter, table, key, inter_path, table_path):
+    """Every rating's user (item) must have its line in the user (item) file."""
+    unknown = ~inter[key].isin(table[key])
+    if unknown.any():
+        r = inter[unknown].iloc[0]
+        raise MovieLensError(f"{inter_path}:{r['line']}: {key} {r[key]} is not in {table_path} "
+                             f"({int(unknown.sum())} ratings, {inter.loc[unknown, key].nunique()}"
+                             f" such ids): the files do not belong together; run `{FETCH}`")
+
+
+def read_frame(folder=DATA_DIR, say=print):
     """One row per rating: user_id, item_id, rating, timestamp, age, gender, occupation,
-    zip_code, release_year (strings) and genres (a tuple of genre names), in file order."""
+    zip_code, release_year (strings) and genres (a tuple of genre names), in file order.
+    Repeated lines are dropped by first_of_each's rule and reported through `say`."""
     folder = Path(folder)
-    if layout(folder) == "recbole":
-        inter = read_table(folder / FILES["inter"], "\t", ["user_id", "item_id", "rating",
-                                                           "timestamp"]).iloc[1:]
-        user = read_table(folder / FILES["user"], "\t", ["user_id", "age", "gender",
-                                                         "occupation", "zip_code"]).iloc[1:]
-        item = read_table(folder / FILES["item"], "\t", ["item_id", "title", "release_year",
-                                                         "genres"]).iloc[1:]
+    kind = layout(folder)
+    paths = {k: folder / (FILES if kind == "recbole" else GROUPLENS)[k] for k in FILES}
+    inter_cols = ["user_id", "item_id", "rating", "timestamp"]
+    user_cols = ["user_id", "age", "gender", "occupation", "zip_code"]
+    if kind == "recbole":
+        inter = read_table(paths["inter"], "\t", inter_cols, header=inter_cols)
+        user = read_table(paths["user"], "\t", user_cols, header=user_cols)
+        item = read_table(paths["item"], "\t", ["item_id", "title", "release_year", "genres"],
+                          header=["item_id", "movie_title", "release_year", "class"])
         item["genres"] = item["genres"].str.split(" ").map(tuple)
-        header = 2  # line numbers in messages: the typed header is line 1
     else:
-        inter = read_table(folder / GROUPLENS["inter"], "\t", ["user_id", "item_id", "rating",
-                                                               "timestamp"])
-        user = read_table(folder / GROUPLENS["user"], "|", ["user_id", "age", "gender",
-                                                            "occupation", "zip_code"])
-        item = read_table(folder / GROUPLENS["item"], "|", ["item_id", "title", "date",
-                                                            "video", "url"] + GENRES,
-                          encoding="latin-1")
+        inter = read_table(paths["inter"], "\t", inter_cols)
+        user = read_table(paths["user"], "|", user_cols)
+        item = read_table(paths["item"], "|", ["item_id", "title", "date", "video", "url"]
+                          + GENRES, encoding="latin-1")
         item["release_year"] = item["date"].str[-4:].where(item["date"] != "", "unkonwn")
         flags = item[GENRES].to_numpy() == "1"
         item["genres"] = [tuple(g for g, on in zip(GENRES, row) if on) for row in flags]
-        header = 1
-    rating = pd.to_numeric(inter["rating"], errors="coerce")
-    bad = rating.isna() | ~np.isfinite(rating.fillna(0)) | ~rating.isin([1, 2, 3, 4, 5])
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise MovieLensError(f"{folder / (FILES if header == 2 else GROUPLENS)['inter']}:"
-                             f"{i + header}: rating {inter['rating'].iloc[i]!r} is not 1-5; run "
-                             f"`{FETCH}`")
-    inter = inter.assign(rating=rating.astype(int),
-                         timestamp=pd.to_numeric(inter["timestamp"], errors="coerce"))
-    frame = inter.merge(user, on="user_id", how="left").merge(
-        item[["item_id", "release_year", "genres"]], on="item_id", how="left")
-    for col in ["age", "release_year"]:
-        frame[col] = frame[col].fillna("unknown")
-    frame["genres"] = frame["genres"].map(lambda g: g if isinstance(g, tuple) else ("unknown",))
+    inter = parse_ratings(inter, paths["inter"])
+    user = first_of_each(user, "user_id", paths["user"], "user id", say)
+    item = first_of_each(item[["item_id", "release_year", "genres", "line"]], "item_id",
+                         paths["item"], "item id", say)
+    inter = first_of_each(inter, ["user_id", "item_id"], paths["inter"], "rating", say)
+    check_known(inter, user, "user_id", paths["inter"], paths["user"])
+    check_known(inter, item, "item_id", paths["inter"], paths["item"])
+    frame = inter.drop(columns="line").merge(user.drop(columns="line"), on="user_id",
+                                             how="left", validate="many_to_one").merge(
+        item.drop(columns="line"), on="item_id", how="left", validate="many_to_one")
     return frame.reset_index(drop=True)
 
 
 # -------------------------------------------------------------------------- task and splits
 def click_task(frame):
-    """The AutoInt protocol: rating 3 dropped, label = rating >= 4."""
+    """The AutoInt protocol: rating 3 dropped, label = rating >= 4. Both labels must occur."""
     kept = frame[frame["rating"] != 3].reset_index(drop=True)
+    pos = int((kept["rating"] >= 4).sum())
+    if pos == 0 or pos == len(kept):
+        raise MovieLensError(f"the ratings hold {pos:,} of 4-5 and {len(kept) - pos:,} of 1-2 "
+                             "(3s dropped): a click task needs both labels; is this "
+                             f"MovieLens? run `{FETCH}`")
     return kept.assign(label=(kept["rating"] >= 4).astype(np.float32))
 
 

@@ -29,8 +29,9 @@ def make_fixture(folder, n_users=30, n_items=40, n_ratings=900, seed=0, layout="
                                                          replace=False))
         items.append((i, "unkonwn" if i == 7 else f"Café, the (part {i})",
                       "unkonwn" if i == 7 else str(1980 + i % 20), genres))
-    inter = [(int(g.integers(1, n_users + 1)), int(g.integers(1, n_items + 1)),
-              int(g.integers(1, 6)), 880000000 + k) for k in range(n_ratings)]
+    pairs = g.choice(n_users * n_items, n_ratings, replace=False)  # one rating per pair
+    inter = [(int(q // n_items) + 1, int(q % n_items) + 1, int(g.integers(1, 6)), 880000000 + k)
+             for k, q in enumerate(pairs)]
     if layout == "recbole":
         (folder / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\t"
                                               "timestamp:float\n" + "".join(
