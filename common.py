@@ -477,3 +477,56 @@ def set_threads(threads):
     import torch
     if threads:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------ forked workers
+def fork_map(fn, shared, tasks, workers):
+    """fn(shared, task) for every task, in `workers` forked processes; yields the results as they
+    finish (in any order). `shared` (large tables, arrays) reaches the workers through fork -
+    copied with the process, never pickled - and is passed to fn explicitly, so no worker reads
+    a module global. Tasks and results are pickled (keep them small). An exception in a worker
+    is raised here; a worker that dies (killed, out of memory) is an error, not a hang.
+    workers <= 1: a plain loop in this process."""
+    import multiprocessing as mp
+    import queue
+    tasks = list(tasks)
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield fn(shared, task)
+        return
+    ctx = mp.get_context("fork")
+    todo, done = ctx.Queue(), ctx.Queue()
+    for task in tasks:
+        todo.put(task)
+    procs = [ctx.Process(target=_fork_worker, args=(fn, shared, todo, done), daemon=True)
+             for _ in range(min(workers, len(tasks)))]
+    for p in procs:
+        todo.put(None)  # one stop sign per worker
+        p.start()
+    try:
+        for _ in tasks:
+            while True:
+                try:
+                    ok, value = done.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [p for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(f"a worker process died (exit code "
+                                           f"{dead[0].exitcode}); out of memory?") from None
+            if not ok:
+                raise value
+            yield value
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
+def _fork_worker(fn, shared, todo, done):
+    while (task := todo.get()) is not None:
+        try:
+            done.put((True, fn(shared, task)))
+        except BaseException as e:  # noqa: BLE001 - handed to the parent, which raises it
+            done.put((False, e))

@@ -6,7 +6,8 @@ chronological: a random split leaks the future), and - with --synthetic - data d
 known click model, so every later experiment can be measured against the best possible score
 (the oracle's AUC and log loss) instead of against a leaderboard.
 
-Read with it: stage2_ctr/synthetic.py (the click model and the fast writer).
+Read with it: stage2_ctr/synthetic.py (the click model), stage2_ctr/dataset_files.py (the
+        fast TSV writer, the splits and the folder written whole).
 Run:    python stage2_ctr/01_make_subset.py --synthetic 200000              # no download needed
         python stage2_ctr/01_make_subset.py --input train.txt --rows 2000000 --split time
         python stage2_ctr/01_make_subset.py --input day_0.gz --sample-rate 0.05
@@ -23,11 +24,11 @@ from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
-from stage2_ctr import synthetic  # noqa: E402  (sets OPENBLAS_NUM_THREADS before numpy)
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import criteo  # noqa: E402
+from stage2_ctr import criteo, synthetic  # noqa: E402
+from stage2_ctr.dataset_files import DatasetFolderError, DatasetWriter, split_of  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DOWNLOAD_HELP = """no input file. Real Criteo data is not downloaded by this project:
@@ -119,7 +120,7 @@ def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val
             total = min(n, rows or n)
             if sample_rate:
                 total = int(total * sample_rate)  # expected; the split uses this estimate
-    writer = criteo.DatasetWriter(out_dir)  # a temporary folder, swapped in at the end
+    writer = DatasetWriter(out_dir)  # a temporary folder, swapped in at the end
     seen = kept = 0
     with tqdm(unit=" rows", unit_scale=True, desc="reading") as bar:
         for path in paths:
@@ -136,7 +137,7 @@ def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val
                 seen += len(ends)
                 bar.update(len(ends))
                 sel = np.flatnonzero(keep)
-                which = synthetic.split_of(rng, len(sel), kept, total or 0, split, val_frac,
+                which = split_of(rng, len(sel), kept, total or 0, split, val_frac,
                                            test_frac)
                 for s in range(3):
                     write_lines(writer, s, arr, begins[sel[which == s]], ends[sel[which == s]])
@@ -152,7 +153,7 @@ def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val
                                        "to split")
     report = {name: {"rows": writer.rows[s],
                      "positive_rate": writer.positives[s] / max(writer.rows[s], 1)}
-              for s, name in enumerate(criteo.DatasetWriter.NAMES)}
+              for s, name in enumerate(DatasetWriter.NAMES)}
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "subset",
             "config": {"input": [str(p) for p in paths], "rows": rows,
                        "sample_rate": sample_rate, "split": split, "val_frac": val_frac,
@@ -173,8 +174,7 @@ def write_lines(writer, split, arr, begins, ends):
     data = arr[np.repeat(begins, lengths) + within].tobytes()
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
-    writer.write(split, data, int((arr[begins] == ord("1")).sum()))
-    writer.rows[split] += len(begins)
+    writer.write(split, data, len(begins), int((arr[begins] == ord("1")).sum()))
 
 
 # ---------------------------------------------------------------------------------- main
@@ -203,7 +203,7 @@ def main(argv=None):
             meta = make_subset(args.input, out_dir, args.rows, args.sample_rate, args.split,
                                args.val_frac, args.test_frac, args.seed)
             print(f"read {meta['rows_read']:,} rows in {meta['seconds']:.1f} s")
-    except criteo.CriteoFormatError as e:
+    except (criteo.CriteoFormatError, DatasetFolderError) as e:
         sys.exit(f"error: {e}")
     print_report(meta, out_dir)
     return meta

@@ -674,56 +674,6 @@ def collision_report(paths, hash_bits, n_labels=1, max_rows=None):
             "values_sharing_a_bucket": float(1 - len(buckets) / max(len(values), 1))}
 
 
-# ------------------------------------------------------------------- writing a data set folder
-class DatasetWriter:
-    """A data set folder (train/val/test.txt + whatever goes with them) written as a whole:
-    every file goes into a temporary sibling folder, and commit() swaps it in for the old one.
-    A run killed at any moment leaves the old folder complete (or, between the two renames of
-    the swap, no folder) - never new splits next to old ones; its temporary folder is removed
-    by the next run. Refuses to replace a folder that is not a data set (no meta.json)."""
-    NAMES = ["train", "val", "test"]
-
-    def __init__(self, out_dir):
-        self.final = Path(out_dir)
-        if self.final.exists() and not self.final.is_dir():
-            raise CriteoFormatError(f"{self.final}: is a file; --out-dir must be a folder")
-        if self.final.is_dir() and any(self.final.iterdir()) and \
-                not (self.final / "meta.json").is_file():
-            raise CriteoFormatError(f"{self.final}: is not empty and is not a data set folder "
-                                    "made by 01_make_subset.py (no meta.json); choose another "
-                                    "--out-dir")
-        for stale in self.final.parent.glob(f".{self.final.name}.*-*"):  # killed earlier runs
-            if stale.is_dir() and stale.name.split(".")[-1].split("-")[0] in ("tmp", "old"):
-                shutil.rmtree(stale, ignore_errors=True)
-        self.folder = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
-        try:
-            self.folder.mkdir(parents=True)
-        except OSError as e:
-            raise CriteoFormatError(f"{self.final}: cannot write there ({e.strerror}); choose "
-                                    "another --out-dir") from None
-        self.files = [open(self.folder / f"{s}.txt", "wb") for s in self.NAMES]
-        self.rows = [0, 0, 0]
-        self.positives = [0, 0, 0]
-
-    def write(self, split, data, positives):
-        self.files[split].write(data)
-        self.positives[split] += positives
-
-    def close_splits(self):
-        for f in self.files:
-            f.close()
-
-    def commit(self):
-        """Swap the finished folder in: old -> .old-PID, new -> final, then remove the old."""
-        self.close_splits()
-        old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-        if self.final.exists():
-            os.replace(self.final, old)
-        os.replace(self.folder, self.final)
-        shutil.rmtree(old, ignore_errors=True)
-        return self.final
-
-
 # ---------------------------------------------------------------------------- binary cache
 # Parse once, train many times (chapter 07_binary_cache.py): what CriteoStream yields, stored
 # as three raw fixed-width arrays plus a meta.json with the settings they depend on.

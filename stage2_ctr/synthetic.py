@@ -1,34 +1,38 @@
 """The synthetic click model of Stage 2: Criteo-format rows drawn from a KNOWN probability, so
 every experiment can be scored against the best possible model (the oracle). Read it with
-stage2_ctr/01_make_subset.py, the chapter that runs it (--synthetic N).
+stage2_ctr/01_make_subset.py, the chapter that runs it (--synthetic N); the bytes are written by
+stage2_ctr/dataset_files.py.
 
-The click model (all parameters drawn from the seed):
-  logit = bias + sum_f w_f[x_f]                          first order (every field)
-        + sum_{i<j} <v_i[x_i], v_j[x_j]>                 pairwise, factorized (FM-like), k = 4
-        + sum_{(a,b,c)} g * e_a[x_a] e_b[x_b] e_c[x_c]   a few third-order crosses (DCN-like)
+The click model (all parameters drawn from the seed), in one of three regimes (--interactions):
+  logit = bias + sum_f w_f[x_f]                            first order (every regime)
+  lowrank:    + sum_{i<j} <v_i[x_i], v_j[x_j]>             pairwise, factorized (FM-like), k = 4,
+                                                           over the 14 smallest fields + dense
+              + sum_{(a,b,c)} g * e_a[x_a] e_b[x_b] e_c[x_c]   three third-order crosses
+  dot:        + sum_{a<b} <u_a[x_a], u_b[x_b]>             k-dim dot products between 4 id fields
+                                                           of 300 equally frequent values each;
+                                                           the 22 other fields mostly missing
+  fieldpair:  + sum_{i<j} e_i^T M_ij e_j                   its own matrix per field pair over
+                                                           12 categorical + 13 dense fields
   p = sigmoid(logit), the bias found by bisection so that mean(p) = ctr; label ~ Bernoulli(p).
-Dense fields enter through z = (log I - mu) / sigma (0 when missing): w_j z and v_j z.
+Dense fields enter through z = (log I - mu) / sigma (0 when missing): w_j z (and v_j z, e_j z).
 With tasks=2 a second label ("conversion") follows the first: its logit mixes the click signal
 with an independent one, s2 = rho * s1 + sqrt(1 - rho^2) * s_own (task_corr = rho).
 Column layout: label [label2] I1..I13 C1..C26 (40 or 41 tab-separated fields).
 
-Speed: rows are drawn and formatted in chunks of ~16k rows by worker processes (the same files
-for any number of workers), bytes come from lookup tables (no string formatting), and
-OPENBLAS_NUM_THREADS=1: the click model's matmuls are tiny, and OpenBLAS threads only spin and
-fight the other generator process for the cores (measured: 2 processes ran 1.1x one process
-with them, 2.2x without).
+Speed: rows are drawn and formatted in chunks of ~16k rows by forked worker processes (the same
+files for any number of workers), and the BLAS is held to one thread while generating: the click
+model's matmuls are tiny, and BLAS threads only spin and fight the other generator process for
+the cores (the git log of 4c98a2a has the measurement).
 """
-import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see above; before numpy loads OpenBLAS
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
+import numpy as np
+from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
-import numpy as np  # noqa: E402
-
-import common  # noqa: E402
-from stage2_ctr.criteo import DatasetWriter  # noqa: E402
+import common
+from stage2_ctr.dataset_files import DatasetWriter, format_rows, hex_word_table, split_of
 
 N_DENSE, N_SPARSE = 13, 26
 U64 = np.uint64
@@ -231,14 +235,8 @@ class ClickModel:
         return (x >> U64(32)).astype(np.uint32)
 
     def hex_word_tables(self):
-        """Per field: rank -> its 8 hex chars as one little-endian uint64 word, so formatting
-        a row is a table lookup (popular ranks stay in cache)."""
-        tables = []
-        for f, v in enumerate(self.vocab):
-            h = self.hex_of(f, np.arange(v))
-            tables.append(HEX4[h >> np.uint32(16)].astype(U64)
-                          | (HEX4[h & np.uint32(0xFFFF)].astype(U64) << U64(32)))
-        return tables
+        """Per field: rank -> its 8 hex chars as one uint64 word (dataset_files.format_rows)."""
+        return [hex_word_table(self.hex_of(f, np.arange(v))) for f, v in enumerate(self.vocab)]
 
 
 def calibrate_bias(signal, target):
@@ -308,117 +306,13 @@ class Generator:
                 "parts": parts}
 
 
-def _ascii_table(n_chars, base):
-    """TABLE[v] = the n_chars digits of v in `base` as ASCII bytes packed in a uint32
-    (first char in the lowest byte, so the uint32 viewed as bytes reads left to right)."""
-    v = np.arange(base ** n_chars)
-    chars = np.stack([(v // base ** (n_chars - 1 - i)) % base for i in range(n_chars)], 1)
-    ascii_ = np.frombuffer(b"0123456789abcdef", np.uint8)[chars].astype(np.uint32)
-    return (ascii_ << (8 * np.arange(n_chars, dtype=np.uint32))).sum(1).astype(np.uint32)
-
-
-DEC4 = _ascii_table(4, 10)    # 0000 .. 9999
-HEX4 = _ascii_table(4, 16)    # 0000 .. ffff
-POW10 = 10 ** np.arange(13, dtype=np.int64)
-# "x\t" for 0 <= x < 10^5 as a little-endian word, and its digit count
-SMALL_INT_LEN = np.ones(100_000, np.int32) + sum(np.arange(100_000) >= 10 ** d for d in range(1, 5))
-SMALL_INT_WORD = np.array([int.from_bytes(f"{x}\t".encode(), "little") for x in range(100_000)],
-                          dtype=U64)
-def format_rows(labels, dense, dense_missing, hex_words, cat_missing, row_starts=False):
-    """Criteo TSV bytes for n rows without any per-row Python or string formatting.
-
-    Each field becomes its first 8 bytes packed in a uint64 `lo` (its trailing tab included when
-    it fits) and a length L. A field's output offset is the running sum of L; the `lo` words are
-    stored in field order through an unaligned uint64 view of the output, so what spills past a
-    field's end is overwritten by the next field's store. The output starts filled with tabs:
-    the 9th byte of a categorical (8 hex chars + tab) is never reached by a store and stays a
-    tab; the 9th-12th bytes of 8+ digit numbers are set one byte column at a time.
-    Digits and hex chars come 4 at a time from lookup tables. With row_starts, the result is a
-    uint8 array (slices of it are written without a copy) and the byte offset of every row."""
-    n, n_labels = labels.shape
-    tab = U64(ord("\t"))
-    i0, c0 = n_labels, n_labels + N_DENSE  # first integer / categorical column
-    lo = np.empty((n, c0 + N_SPARSE), U64)
-    length = np.empty((n, c0 + N_SPARSE), np.int32)
-    # labels: "0\t" or "1\t"
-    lo[:, :i0] = (labels.astype(U64) + U64(ord("0"))) | (tab << U64(8))
-    length[:, :i0] = 2
-    # integers: below 10^5 (nearly all) one lookup gives "digits\t" as a word; the rest:
-    # left-align the digits (x * 10^(12 - digits)) and take 3 lookups of 4 digits
-    small = (dense >= 0) & (dense < len(SMALL_INT_WORD))
-    small_value = np.where(small, dense, 0)
-    lo[:, i0:c0] = SMALL_INT_WORD[small_value]
-    n_chars = SMALL_INT_LEN[small_value]
-    r, c = np.nonzero(~small & ~dense_missing)
-    mag = np.abs(dense[r, c])
-    n_digits = np.ones(len(mag), np.int64)
-    for d in range(1, 12):
-        n_digits += mag >= 10 ** d
-    left = mag * POW10[12 - n_digits]
-    big_lo = DEC4[left // 100_000_000].astype(U64) | (
-        DEC4[left // 10_000 % 10_000].astype(U64) << U64(32))
-    big_hi = DEC4[left % 10_000].astype(U64)
-    neg = dense[r, c] < 0  # I2: shift one byte right and put '-' first
-    big_hi = np.where(neg, (big_hi << U64(8)) | (big_lo >> U64(56)), big_hi)
-    big_lo = np.where(neg, (big_lo << U64(8)) | U64(ord("-")), big_lo)
-    n_digits += neg
-    sh = (np.minimum(n_digits, 7) * 8).astype(U64)  # the tab, when it fits in lo
-    big_lo = np.where(n_digits < 8, (big_lo & ((U64(1) << sh) - U64(1))) | (tab << sh), big_lo)
-    lo[r, c + i0] = big_lo
-    n_chars[r, c] = n_digits
-    np.copyto(lo[:, i0:c0], tab, where=dense_missing)
-    np.copyto(n_chars, 0, where=dense_missing)
-    length[:, i0:c0] = n_chars + 1
-    # categoricals: 8 lowercase hex chars then a tab (newline after C26); missing: tab alone
-    lo[:, c0:] = hex_words
-    np.copyto(lo[:, c0:], tab, where=cat_missing)
-    lo[:, -1][cat_missing[:, -1]] = U64(ord("\n"))
-    length[:, c0:] = 9
-    np.copyto(length[:, c0:], 1, where=cat_missing)
-    # stores, in field order
-    length = length.ravel()
-    offset = np.cumsum(length, dtype=np.int64)
-    offset -= length
-    out = np.full(int(offset[-1] + length[-1]) + 16, ord("\t"), np.uint8)
-    words = np.ndarray(shape=(len(out) - 7,), dtype=U64, buffer=out, strides=(1,))
-    words[offset] = lo.ravel()
-    offset = offset.reshape(n, -1)
-    out[offset[:, -1][~cat_missing[:, -1]] + 8] = ord("\n")  # after a non-empty C26
-    long = n_digits >= 8  # long numbers: bytes 8.. from big_hi, then the tab
-    r, c, n_digits, big_hi = r[long], c[long], n_digits[long], big_hi[long]
-    for j in range(4):
-        sel = n_digits >= 8 + j
-        byte = np.where(n_digits[sel] == 8 + j, ord("\t"), (big_hi[sel] >> U64(8 * j)) & U64(255))
-        out[offset[r[sel], c[sel] + i0] + 8 + j] = byte.astype(np.uint8)
-    if row_starts:  # byte offset where each row begins, and the total
-        return out[:-16], np.append(offset[:, 0], len(out) - 16)
-    return out[:-16].tobytes()
-
-
-# ---------------------------------------------------------------------------------- splitting
-def split_of(rng, n, start, total, split, val_frac, test_frac):
-    """Split id per row: 0 train, 1 val, 2 test. `start` = index of the chunk's first row;
-    split 'random' draws each row's split, 'time' cuts the `total` rows at 80% / 90%."""
-    if split == "random":
-        return rng.choice(3, size=n, p=[1 - val_frac - test_frac, val_frac,
-                                        test_frac]).astype(np.int8)
-    idx = np.arange(start, start + n)
-    val_start = int(total * (1 - val_frac - test_frac))
-    test_start = int(total * (1 - test_frac))
-    return ((idx >= val_start).astype(np.int8) + (idx >= test_start)).astype(np.int8)
-
-
 # ---------------------------------------------------------------------------------- synthetic
-_GENERATOR = None  # set before the worker pool forks, so workers share its tables
-
-
-def synthetic_segment(task):
-    """Worker: draw a run of consecutive chunks and append each split's rows to this segment's
-    own part files (big byte strings never cross a process boundary). Synthetic rows are i.i.d.,
-    so a chunk's split ids can be sorted before they are dealt out: each split's rows are then
-    one contiguous range of the chunk, formatted in one go and written with one slice."""
+def synthetic_segment(gen, task):
+    """Worker: draw a run of consecutive chunks of `gen` and append each split's rows to this
+    segment's own part files (big byte strings never cross a process boundary). Synthetic rows
+    are i.i.d., so a chunk's split ids can be sorted before they are dealt out: each split's rows
+    are then one contiguous range of the chunk, formatted in one go and written with one slice."""
     segment, chunks, out_dir = task
-    gen = _GENERATOR
     files = [open(Path(out_dir) / f"{name}.txt.seg{segment:05d}", "wb")
              for name in DatasetWriter.NAMES]
     keep = {s: {"labels": [], "oracle": []} for s in range(3)}
@@ -445,30 +339,17 @@ def synthetic_segment(task):
     return segment, sum(n for _, _, n in chunks), arrays
 
 
-def append_file(src, dst):
-    """Append src to dst; in the kernel (copy_file_range) where the OS offers it."""
-    dst.flush()
-    size = os.fstat(src.fileno()).st_size
-    try:
-        while size > 0:
-            size -= os.copy_file_range(src.fileno(), dst.fileno(), size)
-    except (AttributeError, OSError):
-        import shutil
-        src.seek(os.fstat(src.fileno()).st_size - size)
-        shutil.copyfileobj(src, dst, 16 << 20)
-
-
 MAX_SCORED_ROWS = 4_000_000  # rows per split the oracle's AUC / log loss are computed on
 
 
 def make_synthetic(cfg, out_dir):
     """Generate cfg.rows rows into out_dir/{train,val,test}.txt + {split}.oracle.npy + meta.json.
     Returns the meta dict (rows, positive rates and the oracle's scores per split)."""
-    global _GENERATOR
     t0 = time.perf_counter()
-    gen = _GENERATOR = Generator(cfg)
     writer = DatasetWriter(out_dir)  # everything goes to a temporary folder, swapped in at the end
-    arrays = generate_into(gen, cfg, writer)
+    with threadpool_limits(limits=1, user_api="blas"):  # see the header; forked workers inherit it
+        gen = Generator(cfg)
+        arrays = generate_into(gen, cfg, writer)
     writer.close_splits()
     seconds = time.perf_counter() - t0
     report = {}
@@ -514,39 +395,28 @@ def generate_into(gen, cfg, writer):
     in order as they finish (the output is the same for any number of workers; appending
     overlaps with the workers still generating). Returns per split the labels, oracle and
     first-order logits, for scoring."""
-    import multiprocessing as mp
     from tqdm import tqdm
     chunks = [(i, start, min(cfg.chunk_rows, cfg.rows - start))
               for i, start in enumerate(range(0, cfg.rows, cfg.chunk_rows))]
     per_segment = max(1, min(16, len(chunks) // (4 * cfg.workers)))
     segments = [(k, chunks[i:i + per_segment], str(writer.folder))
                 for k, i in enumerate(range(0, len(chunks), per_segment))]
-    workers = max(1, min(cfg.workers, len(segments)))
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-    results = (pool.imap_unordered(synthetic_segment, segments) if pool
-               else map(synthetic_segment, segments))
+    results = common.fork_map(synthetic_segment, gen, segments, cfg.workers)
     done, next_segment = {}, 0
     kept = {s: {} for s in range(3)}
     with tqdm(total=cfg.rows, unit=" rows", unit_scale=True, desc="generating") as bar:
         for segment, n, arrays in results:
             done[segment] = arrays
             bar.update(n)
-            while next_segment in done:
+            while next_segment in done:  # stitch the segments in order as they arrive
                 arrays = done.pop(next_segment)
                 for s, name in enumerate(DatasetWriter.NAMES):
-                    part = writer.folder / f"{name}.txt.seg{next_segment:05d}"
-                    with open(part, "rb") as f:
-                        append_file(f, writer.files[s])
-                    part.unlink()
-                    if s in arrays:
-                        writer.rows[s] += len(arrays[s]["labels"])
-                        writer.positives[s] += int(arrays[s]["labels"][:, 0].sum())
-                        for k, v in arrays[s].items():
-                            kept[s].setdefault(k, []).append(v)
+                    labels = arrays[s]["labels"] if s in arrays else np.zeros((0, 1), np.int8)
+                    writer.append_part(s, writer.folder / f"{name}.txt.seg{next_segment:05d}",
+                                       len(labels), int(labels[:, 0].sum()))
+                    for k, v in arrays.get(s, {}).items():
+                        kept[s].setdefault(k, []).append(v)
                 next_segment += 1
-    if pool:
-        pool.close()
-        pool.join()
     return kept
 
 

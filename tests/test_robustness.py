@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, load_script
 
 from stage1_adult import adult_data
-from stage2_ctr import criteo, train_ctr
+from stage2_ctr import criteo, dataset_files, train_ctr
 
 make = load_script("stage2_ctr/01_make_subset.py")
 loader_chapter = load_script("stage2_ctr/02_dataloader.py")
@@ -147,9 +147,9 @@ def test_crash_inside_the_swap_never_mixes_two_data_sets(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
         real_replace(src, dst)
-    monkeypatch.setattr(criteo.os, "replace", replace)
+    monkeypatch.setattr(dataset_files.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        criteo.DatasetWriter(out).commit()
+        dataset_files.DatasetWriter(out).commit()
     monkeypatch.undo()
     assert not out.exists()  # no folder rather than a mix
     make.main(["--synthetic", "1000", "--out-dir", str(out), "--workers", "1"])

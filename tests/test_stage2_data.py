@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-from stage2_ctr import criteo, synthetic
+from stage2_ctr import criteo, dataset_files, synthetic
 
 make = load_script("stage2_ctr/01_make_subset.py")
 
@@ -40,7 +40,7 @@ def test_round_trip_parses_back_the_generators_values():
     c = gen.chunk(0, 3000)
     c["dense"][::7, 4] = np.arange(0, 3000, 7) * 33_333_333  # up to 11 digits
     c["dense"][::11, 5] = -np.arange(0, 3000, 11) % 1000      # negatives, as for I2
-    data = synthetic.format_rows(c["labels"], c["dense"], c["dense_missing"], c["hex_words"],
+    data = dataset_files.format_rows(c["labels"], c["dense"], c["dense_missing"], c["hex_words"],
                             c["ranks"] < 0)
     p = parse_bytes(data)
     assert p["n_bad"] == 0 and len(p["hashes"]) == 3000
