@@ -365,6 +365,8 @@ non_negative_float = checked(float, lambda v: v >= 0 and np.isfinite(v), "a numb
 probability = checked(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
 fraction = checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 correlation = checked(float, lambda v: -1 <= v <= 1, "a correlation (cosine) in [-1, 1]")
+hash_bits = checked(int, lambda v: 1 <= v <= 30, "an integer in [1, 30] (2^bits hash buckets)")
+rate = checked(float, lambda v: 0 < v < 1, "a rate in (0, 1)")
 
 
 def layer_list(text):

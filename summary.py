@@ -24,73 +24,100 @@ def read(path):
         return None
 
 
+def described(path, describe):
+    """describe(metrics) -> lines, for a readable file; a file that is not JSON, or that lacks
+    what the summary reads (a run killed mid-way, an older version's file), is one line naming
+    it instead of a traceback."""
+    if not Path(path).exists():
+        return []
+    m = read(path)
+    try:
+        if not isinstance(m, dict):
+            raise ValueError("is not readable JSON (cut short?)" if m is None
+                             else "is not a JSON object")
+        return describe(m)
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+        why = f"lacks {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
+        return [f"  (incomplete: {rel(path)} {why}; rerun the command that wrote it)"]
+
+
 def stage1(runs):
     path = runs / "stage1_both_ple_tokens_wA1_wB1_s0" / "metrics.json"
-    m = read(path)
-    if not m:
-        return [f"  (no run: python stage1_adult/03_train_mtml.py -> {rel(path)})"]
-    t = m["splits"]["test"]
-    return [f"  shared-bottom MTL: test AUC income {t['income']['auc']:.4f}, married "
-            f"{t['married']['auc']:.4f} | best epoch {m['best_epoch']} | "
-            f"{m['train_samples_per_s']:,.0f} train samples/s", f"    {rel(path)}"]
+
+    def describe(m):
+        t = m["splits"]["test"]
+        return [f"  shared-bottom MTL: test AUC income {t['income']['auc']:.4f}, married "
+                f"{t['married']['auc']:.4f} | best epoch {m['best_epoch']} | "
+                f"{m['train_samples_per_s']:,.0f} train samples/s", f"    {rel(path)}"]
+    return (described(path, describe)
+            or [f"  (no run: python stage1_adult/03_train_mtml.py -> {rel(path)})"])
 
 
 def stage2(runs, data):
-    lines = []
-    meta = read(data / "synthetic" / "meta.json")
-    if meta and "oracle_auc" in meta["splits"].get("test", {}):
-        lines.append(f"  synthetic data: {sum(s['rows'] for s in meta['splits'].values()):,} "
-                     f"rows, oracle test AUC {meta['splits']['test']['oracle_auc'][0]:.4f} "
-                     f"(generated at {meta['rows_per_s']:,.0f} rows/s)")
-    loader = read(runs / "dataloader" / "metrics.json")
-    if loader:
-        collisions = loader.get("collisions")
-        lines.append(f"  loader: {loader['rows']:,} rows at {loader['rows_per_s']:,.0f} rows/s"
-                     + (f", {collisions['values_sharing_a_bucket']:.1%} of values share a "
-                        f"bucket at 2^{collisions['hash_bits']}" if collisions else "")
-                     + f"\n    {rel(runs / 'dataloader' / 'metrics.json')}")
-    for path in sorted(runs.glob("ctr_*/metrics.json")):
-        m = read(path)
-        if not m:
-            continue
-        t = m["splits"]["test"]
-        gap = (f", gap to the oracle {t['auc_gap_to_oracle']:.4f}" if "auc_gap_to_oracle" in t
-               else "")
-        lines += [f"  {m['model']}: test AUC {t['auc']:.4f}, logloss {t['logloss']:.4f}{gap} | "
-                  f"{m['train_samples_per_s']:,.0f} train samples/s on {m['device']}",
-                  f"    {rel(path)}"]
-    ml = read(runs / "stage2_movielens.json")
-    if ml:
+    def synthetic(meta):
+        if "oracle_auc" not in meta["splits"].get("test", {}):
+            return []
+        return [f"  synthetic data: {sum(s['rows'] for s in meta['splits'].values()):,} "
+                f"rows, oracle test AUC {meta['splits']['test']['oracle_auc'][0]:.4f} "
+                f"(generated at {meta['rows_per_s']:,.0f} rows/s)"]
+
+    def loader(m):
+        collisions = m.get("collisions")
+        return [f"  loader: {m['rows']:,} rows at {m['rows_per_s']:,.0f} rows/s"
+                + (f", {collisions['values_sharing_a_bucket']:.1%} of values share a "
+                   f"bucket at 2^{collisions['hash_bits']}" if collisions else ""),
+                f"    {rel(runs / 'dataloader' / 'metrics.json')}"]
+
+    def ctr(path):
+        def describe(m):
+            t = m["splits"]["test"]
+            gap = (f", gap to the oracle {t['auc_gap_to_oracle']:.4f}"
+                   if "auc_gap_to_oracle" in t else "")
+            return [f"  {m['model']}: test AUC {t['auc']:.4f}, logloss {t['logloss']:.4f}{gap} "
+                    f"| {m['train_samples_per_s']:,.0f} train samples/s on {m['device']}",
+                    f"    {rel(path)}"]
+        return describe
+
+    def movielens(ml):
+        lines = []
         for model, r in ml["results"].items():
             for split, seeds in r["runs"].items():
                 auc = sum(s["test"]["auc"] for s in seeds) / len(seeds)
                 loss = sum(s["test"]["logloss"] for s in seeds) / len(seeds)
                 lines.append(f"  MovieLens-100k {model} ({split} split, {len(seeds)} seed(s)): "
                              f"test AUC {auc:.4f}, logloss {loss:.4f}")
-        lines.append(f"    {rel(runs / 'stage2_movielens.json')}")
+        return lines + [f"    {rel(runs / 'stage2_movielens.json')}"]
+
+    lines = described(data / "synthetic" / "meta.json", synthetic)
+    lines += described(runs / "dataloader" / "metrics.json", loader)
+    for path in sorted(runs.glob("ctr_*/metrics.json")):
+        lines += described(path, ctr(path))
+    lines += described(runs / "stage2_movielens.json", movielens)
     return lines or ["  (no runs: python stage2_ctr/train_ctr.py)"]
 
 
 def stage3(runs):
-    lines = []
-    mtl = read(runs / "stage3_mtl_adult.json")
-    if mtl:
+    def mtl(m):
         by_arch = {}
-        for r in mtl["runs"]:
+        for r in m["runs"]:
             if len(r["tasks"]) == 2:
                 by_arch.setdefault(r["arch"], []).append(r["test_auc"])
         cells = [f"{a} {sum(x['income'] for x in v) / len(v):.4f}/"
                  f"{sum(x['married'] for x in v) / len(v):.4f}" for a, v in by_arch.items()]
-        lines += ["  multi-task on Adult (income/married test AUC): " + ", ".join(cells),
-                  f"    {rel(runs / 'stage3_mtl_adult.json')}"]
-    lat = read(runs / "stage3_latency.json")
-    if lat:
+        return ["  multi-task on Adult (income/married test AUC): " + ", ".join(cells),
+                f"    {rel(runs / 'stage3_mtl_adult.json')}"]
+
+    def latency(lat):
+        lines = []
         for model in dict.fromkeys(r["model"] for r in lat["rows"]):
             rows = [r for r in lat["rows"] if r["model"] == model]
             cells = [f"batch {r['batch']:,} {r['p50_ms']:.2f} ms ({r['samples_per_s']:,.0f}/s)"
                      for r in rows]
             lines.append(f"  {model} p50 latency: " + ", ".join(cells))
-        lines.append(f"    {rel(runs / 'stage3_latency.json')}")
+        return lines + [f"    {rel(runs / 'stage3_latency.json')}"]
+
+    lines = described(runs / "stage3_mtl_adult.json", mtl)
+    lines += described(runs / "stage3_latency.json", latency)
     return lines or ["  (no runs: python stage3_advanced/01_mtl_adult.py --quick)"]
 
 

@@ -187,8 +187,9 @@ def check_known(inter, table, key, inter_path, table_path):
     if unknown.any():
         r = inter[unknown].iloc[0]
         raise MovieLensError(f"{inter_path}:{r['line']}: {key} {r[key]} is not in {table_path} "
-                             f"({int(unknown.sum())} ratings, {inter.loc[unknown, key].nunique()}"
-                             f" such ids): the files do not belong together; run `{FETCH}`")
+                             f"({int(unknown.sum())} ratings of {inter.loc[unknown, key].nunique()}"
+                             f" id(s) missing there): the files do not belong together; run "
+                             f"`{FETCH}`")
 
 
 def read_frame(folder=DATA_DIR, say=print):

@@ -15,7 +15,8 @@ MMoE's much less. The table and plot say whether this run reproduces it.
 
 Run:    python stage3_advanced/02_task_correlation.py               # 3 seeds, ~8 min
         python stage3_advanced/02_task_correlation.py --quick       # 2 seeds, ~20 s
-Writes: results/stage3_task_correlation.md, results/stage3_task_correlation.png,
+Writes: results/stage3_task_correlation.md + .png (only the default run: --quick writes to
+        runs/quick/, other flags to runs/partial/, CUDA to *_cuda.md),
         runs/stage3_task_correlation.json
 """
 import argparse
@@ -29,7 +30,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
 import common  # noqa: E402
-from common import (correlation, mean_std, pyplot, quick_or_results, save_figure,  # noqa: E402
+from common import (checked, correlation, mean_std, non_negative_float,  # noqa: E402
+                    non_negative_int, positive_float, positive_int, pyplot, save_figure,
                     write_json, write_text)
 from stage2_ctr.models.mtl import build_mtl, n_params  # noqa: E402
 from stage3_advanced.stage3_common import setup  # noqa: E402
@@ -48,32 +50,35 @@ def parse_args(argv=None):
     p.add_argument("--corrs", type=correlation, nargs="+", default=[0.5, 0.9, 1.0],
                    help="task correlations p = cos(w1, w2), each in [-1, 1]")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--dim", type=int, default=100, help="input dimension d")
-    p.add_argument("--m", type=int, default=10, help="number of sine terms")
-    p.add_argument("--c", type=float, default=1.0, help="scale of the weight vectors")
-    p.add_argument("--alpha-max", type=float, default=2.0,
-                   help="alpha_i ~ U(0.5, alpha_max): larger = wigglier, harder tasks")
-    p.add_argument("--noise", type=float, default=0.01, help="label noise std")
-    p.add_argument("--train-rows", type=int, default=20000)
-    p.add_argument("--test-rows", type=int, default=5000)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="2 seeds, 3k rows, 8 epochs: ~20 s")
+    p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2])
+    p.add_argument("--dim", type=checked(int, lambda v: v >= 2, "an integer >= 2 (two "
+                                         "orthogonal directions)"), default=100,
+                   help="input dimension d")
+    p.add_argument("--m", type=non_negative_int, default=10, help="number of sine terms")
+    p.add_argument("--c", type=positive_float, default=1.0, help="scale of the weight vectors")
+    p.add_argument("--alpha-max", type=checked(float, lambda v: 0.5 < v < 1e6, "a number > 0.5"),
+                   default=2.0, help="alpha_i ~ U(0.5, alpha_max): larger = wigglier, harder")
+    p.add_argument("--noise", type=non_negative_float, default=0.01, help="label noise std")
+    p.add_argument("--train-rows", type=positive_int, default=20000)
+    p.add_argument("--test-rows", type=checked(int, lambda v: v >= 2, "an integer >= 2 (a "
+                                               "variance needs two rows)"), default=5000)
+    p.add_argument("--epochs", type=positive_int, default=30)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--device", type=common.device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true",
+                   help="defaults 2 seeds, 3k rows, 8 epochs: ~20 s")
     p.add_argument("--out", default=None,
-                   help="default results/stage3_task_correlation.md; with --quick runs/quick/ (the "
-                        "committed table stays)")
+                   help="default results/stage3_task_correlation.md for the default run; "
+                        "--quick: runs/quick/, other flags: runs/partial/")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
-    args = p.parse_args(argv)
-    if args.out is None:
-        args.out = str(quick_or_results(args.quick) / "stage3_task_correlation.md")
-    if args.quick:
-        args.seeds, args.train_rows, args.epochs = "0,1", 3000, 8
-    if args.dim < 2:
-        p.error("--dim must be >= 2 (two orthogonal directions)")
-    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    args = common.parse_with_quick(p, argv, dict(seeds=[0, 1], train_rows=3000, epochs=8))
+    args.device = common.resolve_device(args.device)
+    args.out = str(args.out or common.results_file(argv, args.quick, "stage3_task_correlation",
+                                                   args.device))
+    args.seed_list = args.seeds
     return args
 
 
@@ -104,14 +109,15 @@ def make_tasks(p, args, seed, n, part):
 
 # ---------------------------------------------------------------------------------- training
 def train_one(name, x, y, x_test, y_test, args, seed):
-    """Adam on the sum of the two tasks' MSE; normalized test MSE per task after each epoch."""
+    """Adam on the sum of the two tasks' MSE; normalized test MSE per task after each epoch.
+    x, y, x_test, y_test are on args.device already (moved once, not per batch)."""
     setup(args.threads, seed)
-    model = build_mtl(name, args.dim, 2, **MODELS[name])
+    model = build_mtl(name, args.dim, 2, **MODELS[name]).to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(seed)
     curve = []
     for _ in range(args.epochs):
-        order = torch.randperm(len(y), generator=gen)
+        order = torch.randperm(len(y), generator=gen).to(args.device)
         for start in range(0, len(y), args.batch_size):
             idx = order[start:start + args.batch_size]
             loss = ((model(x[idx]) - y[idx]) ** 2).mean(0).sum()
@@ -124,14 +130,15 @@ def train_one(name, x, y, x_test, y_test, args, seed):
 
 
 # ------------------------------------------------------------------------------------ report
-def report(args, results, params, wall_s):
+def report(args, argv, results, params, wall_s):
     lo, hi = min(args.corrs), max(args.corrs)
     lines = [
         "# Stage 3: task correlation vs architecture (the MMoE paper's synthetic experiment)",
         "", f"Normalized test MSE x 1000 (1000 * MSE / Var(y) = 1000 * (1 - R²), mean of the "
         f"two tasks) after {args.epochs} epochs, mean ± std over "
-        f"seeds {args.seeds}; {args.train_rows:,} training rows, d = {args.dim}, m = "
-        f"{args.m}. Lower is better. Label correlation = Pearson corr(y1, y2) on test rows.", "",
+        f"seeds {','.join(map(str, args.seed_list))}; {args.train_rows:,} training rows, "
+        f"d = {args.dim}, m = {args.m}. Lower is better. Label correlation = Pearson "
+        "corr(y1, y2) on test rows.", "",
         "| model | params | " + " | ".join(f"p = {p:g}" for p in args.corrs)
         + f" | loss(p={lo:g}) / loss(p={hi:g}) | seeds beating shared-bottom at p={lo:g} |",
         "|---|---|" + "---|" * len(args.corrs) + "---|---|"]
@@ -148,9 +155,8 @@ def report(args, results, params, wall_s):
                      + f" | {ratio:.2f}× | {wins} |")
     corr = " | ".join(f"{np.mean(results['label_corr'][p]):.3f}" for p in args.corrs)
     lines.append(f"| label correlation | | {corr} | | |")
-    lines += ["", f"Command: `python stage3_advanced/02_task_correlation.py"
-              f"{' --quick' if args.quick else ''}` ({wall_s / 60:.1f} min, "
-              f"{args.threads} threads)."]
+    lines += ["", f"Command: `{common.command_line(__file__, argv)}` ({wall_s / 60:.1f} min, "
+              f"device {args.device}).", common.machine_line(args.device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
@@ -169,27 +175,35 @@ def plot(args, results, path):
     save_figure(fig, path)
 
 
+@common.one_line_errors()
 def main(argv=None):
     args = parse_args(argv)
+    for folder, flag in [(Path(args.out).parent, "--out"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     results = {name: {p: [] for p in args.corrs} for name in args.models}
     results["label_corr"] = {p: [] for p in args.corrs}
     params = {}
     jobs = [(p, s) for p in args.corrs for s in args.seed_list]
     for p, seed in tqdm(jobs, desc="correlation x seed"):
-        x, y = make_tasks(p, args, seed, args.train_rows, 0)
+        x, y = (t.to(args.device) for t in make_tasks(p, args, seed, args.train_rows, 0))
         x_test, y_test = make_tasks(p, args, seed, args.test_rows, 1)
         results["label_corr"][p].append(float(np.corrcoef(y_test.T.numpy())[0, 1]))
+        x_test, y_test = x_test.to(args.device), y_test.to(args.device)
         for name in args.models:
             curve, params[name] = train_one(name, x, y, x_test, y_test, args, seed)
             results[name][p].append(curve)
     wall = time.perf_counter() - t0
-    table = report(args, results, params, wall)
+    common.require_finite({f"{name} at p = {p:g}": [c[-1] for c in results[name][p]]
+                           for name in args.models for p in args.corrs}, "the test MSE")
+    table = report(args, argv, results, params, wall)
     out = Path(args.out)
     write_text(out, table)
     plot(args, results, out.with_suffix(".png"))
     write_json(Path(args.runs_dir) / (out.stem + ".json"),
-               {"script": "stage3_advanced/02_task_correlation.py", "config": vars(args),
+               {"script": "stage3_advanced/02_task_correlation.py",
+                "command": common.command_line(__file__, argv), "device": str(args.device),
+                "config": {k: str(v) if k == "device" else v for k, v in vars(args).items()},
                 "params": params, "wall_s": wall,
                 "test_mse_curves": {n: {str(p): c for p, c in r.items()}
                                     for n, r in results.items()}})

@@ -43,57 +43,56 @@ from stage3_advanced import throughput as tp  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+# --workers sets what is measured here (the loader's worker counts): not a harmless flag
+HARMLESS = common.HARMLESS_FLAGS - {"--workers"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=20_000_000, help="rows of the big file")
+    p.add_argument("--rows", type=common.positive_int, default=20_000_000,
+                   help="rows of the big file")
     p.add_argument("--data-root", default=str(HERE / "data"))
     p.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
-    p.add_argument("--batch-sizes", default="1024,4096,16384,32768")
-    p.add_argument("--workers", default="1,2",
+    p.add_argument("--batch-sizes", type=common.positive_int_list,
+                   default=[1024, 4096, 16384, 32768])
+    p.add_argument("--workers", type=common.positive_int_list, default=[1, 2],
                    help="loader worker counts: each for the loader-only pass; for training, the "
                         "first for every model, the others for --sweep-models only")
     p.add_argument("--sweep-models", nargs="+", default=["lr", "deepfm"], choices=MODELS,
                    help="the models trained with every --workers count (the fastest model, "
                         "whose loader share is highest, and the Stage 2 reference)")
-    p.add_argument("--train-rows", type=int, default=131_072,
+    p.add_argument("--train-rows", type=common.positive_int, default=131_072,
                    help="rows timed per training measurement (at least 4 batches)")
-    p.add_argument("--emb-dim", type=int, default=16)
-    p.add_argument("--hash-bits", type=int, default=20)
+    p.add_argument("--emb-dim", type=common.positive_int, default=16)
+    p.add_argument("--hash-bits", type=common.hash_bits, default=20)
     p.add_argument("--device", type=common.device_arg, default="cpu", help="cpu | cuda")
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16 autocast around every model's forward pass")
-    p.add_argument("--micro-batch", type=int, default=2048,
+    p.add_argument("--micro-batch", type=common.non_negative_int, default=2048,
                    help="batches larger than this run forward/backward in micro-batches of "
                         "this size, gradients summed before one optimizer step (0 = never)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=common.positive_int, default=2, help="torch CPU threads")
     p.add_argument("--fresh", action="store_true", help="ignore finished measurements")
     p.add_argument("--quick", action="store_true",
-                   help="100k rows, LR + DeepFM, batches 1024/4096, 1 worker")
-    p.add_argument("--out", default=None, help="default results/stage3_throughput.md, "
-                   "results/gpu.md on cuda (--quick: runs/quick/, the committed table stays)")
+                   help="defaults 100k rows, LR + DeepFM, batches 1024/4096, 1 worker")
+    p.add_argument("--out", default=None, help="default results/stage3_throughput.md for the "
+                   "default run, *_cuda.md on CUDA (--quick: runs/quick/, other flags: "
+                   "runs/partial/; the committed table stays)")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.rows, args.models, args.batch_sizes = 100_000, ["lr", "deepfm"], "1024,4096"
-        args.workers, args.train_rows = "1", 16_384
-    args.batch_list = [int(b) for b in args.batch_sizes.split(",") if b]
-    args.worker_list = [int(w) for w in args.workers.split(",") if w]
-    if min(args.batch_list) < 1 or min(args.worker_list) < 1:
-        p.error("--batch-sizes and --workers must be >= 1")
-    if args.micro_batch < 0:
-        p.error("--micro-batch must be >= 0 (0 = every batch in one pass)")
+    args = common.parse_with_quick(p, argv, dict(
+        rows=100_000, models=["lr", "deepfm"], batch_sizes=[1024, 4096], workers=[1],
+        train_rows=16_384))
+    args.batch_list, args.worker_list = args.batch_sizes, args.workers
     args.measure = tp.Measure(args.emb_dim, args.hash_bits, args.micro_batch, args.train_rows,
                               args.amp)
-    if args.out is None:
-        args.out = str(common.quick_or_results(args.quick) / (
-            "stage3_throughput_cuda.md" if args.device.startswith("cuda")
-            else "stage3_throughput.md"))
+    args.out = str(args.out or common.results_file(argv, args.quick, "stage3_throughput",
+                                                   args.device, HARMLESS))
     return args
 
 
 # ------------------------------------------------------------------------------------ report
-def report(args, res, device):
+def report(args, argv, res, device):
     precision = "bf16 autocast" if args.amp == "bf16" else "fp32"
     peak = res["matmul_gflops"][args.amp]
     lines = [f"# Stage 3: throughput at scale ({res['device_name']})", "",
@@ -114,11 +113,9 @@ def report(args, res, device):
               "adds only the worker's private pages (USS, from /proc/PID/smaps_rollup at the "
               "end of the measurement)."
               + (f" Peak GPU memory {res['gpu_mb']:,.0f} MiB." if res.get("gpu_mb") else ""),
-              "", f"Command: `python stage3_advanced/05_throughput.py"
-              f"{' --quick' if args.quick else ''}{' --amp bf16' if args.amp == 'bf16' else ''}"
-              f"{' --device ' + args.device if device.type != 'cpu' else ''}` "
+              "", f"Command: `{common.command_line(__file__, argv)}` "
               f"({sum(res['session_s']) / 60:.1f} min over {len(res['session_s'])} "
-              "session(s))."]
+              "session(s)).", common.machine_line(device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
@@ -265,8 +262,11 @@ def peaks(device, amp):
     return out
 
 
+@common.one_line_errors()
 def main(argv=None):
     args = parse_args(argv)
+    for folder, flag in [(Path(args.out).parent, "--out"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     device = common.resolve_device(args.device)
     torch.set_num_threads(args.threads)
@@ -315,7 +315,7 @@ def main(argv=None):
         res.setdefault("session_s", []).append(time.perf_counter() - t0)
     common.write_json(partial_path, res)
     out = Path(args.out)
-    table = report(args, res, device)
+    table = report(args, argv, res, device)
     common.write_text(out, table)
     plot(args, res, out.with_suffix(".png"))
     print(table)

@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
+from conftest import ROOT, load_script
 
 from stage2_ctr import movielens
 from stage2_ctr.models import MODELS, build_model
@@ -111,11 +111,14 @@ def test_every_model_runs_on_the_movielens_schema(tiny, name):
 
 
 def test_chapter_quick_end_to_end_on_a_fixture(tiny, tmp_path):
-    chapter.main(["--quick", "--data-dir", str(tiny), "--out", str(tmp_path / "m.md"),
-                  "--runs-dir", str(tmp_path), "--epochs", "2"])
+    argv = ["--quick", "--data-dir", str(tiny), "--out", str(tmp_path / "m.md"),
+            "--runs-dir", str(tmp_path), "--epochs", "2"]
+    chapter.main(argv)
     text = (tmp_path / "m.md").read_text()
     assert "| deepfm |" in text and (tmp_path / "m.png").exists()
     assert (tmp_path / "m.json").exists()
+    assert "Command: `python stage2_ctr/05_movielens.py --quick --data-dir " in text
+    assert "--epochs 2`" in text and "\nMachine: CPU " in text and "torch " in text
 
 
 def one_line(argv):
@@ -154,3 +157,137 @@ def test_md5_mismatch_is_a_warning(tiny, monkeypatch):
     same = {name: hashlib.md5((tiny / name).read_bytes()).hexdigest() for name in movielens.MD5}
     monkeypatch.setattr(movielens, "MD5", same)
     assert movielens.md5_warnings(tiny) == []
+
+
+# ------------------------------------------------ issue 19: repeated lines, bad rows, one line
+def edit(path, fn):
+    """Rewrite a fixture file through fn(list of lines) -> list of lines."""
+    lines = path.read_text(encoding="latin-1").splitlines()
+    path.write_bytes(("\n".join(fn(lines)) + "\n").encode("latin-1"))
+
+
+@pytest.mark.parametrize("layout", ["recbole", "grouplens"])
+def test_repeated_lines_keep_the_first_and_are_counted(tmp_path, layout):
+    folder = make_fixture(tmp_path / "m", layout=layout)
+    names = {"recbole": ("ml-100k.user", "ml-100k.inter"), "grouplens": ("u.user", "u.data")}
+    user, inter = (folder / n for n in names[layout])
+    head = 1 if layout == "recbole" else 0
+    sep = "\t" if layout == "recbole" else "|"
+    edit(user, lambda ls: ls + [ls[head]] + [ls[head + 1].replace(f"{sep}M{sep}", f"{sep}F{sep}")
+                                             .replace(f"{sep}F{sep}", f"{sep}M{sep}", 0)])
+    first = inter.read_text().splitlines()[head]
+    edit(inter, lambda ls: ls + ls[head:head + 3] + [first])  # 4 repeated ratings
+    said = []
+    frame = movielens.read_frame(folder, say=said.append)
+    assert len(frame) == 900  # a repeated user line no longer doubles his ratings
+    assert any(f"{user}: 2 repeated user id line(s) dropped" in s for s in said), said
+    assert any(f"{inter}: 4 repeated rating line(s) dropped" in s and "line 902" in s
+               if layout == "recbole" else f"{inter}: 4 repeated rating" in s for s in said)
+    assert frame.duplicated(["user_id", "item_id"]).sum() == 0
+
+
+@pytest.mark.parametrize("layout", ["recbole", "grouplens"])
+def test_a_non_numeric_timestamp_is_a_bad_row_with_its_line(tmp_path, layout):
+    folder = make_fixture(tmp_path / "m", layout=layout)
+    inter = folder / ("ml-100k.inter" if layout == "recbole" else "u.data")
+
+    def stamp(ls):
+        for k in (5, 9):
+            f = ls[k].split("\t")
+            ls[k] = "\t".join(f[:3] + ["soon"])
+        return ls
+    edit(inter, stamp)
+    msg = one_line(["--quick", "--data-dir", str(folder)])
+    assert f"{inter}:6: timestamp 'soon' is not a number (and 1 more bad lines)" in msg
+
+
+def folder_where(tmp_path, case):
+    """A fixture broken in one of the ways a first-day user met (recbole layout)."""
+    folder = make_fixture(tmp_path / "m")
+    inter, user = folder / "ml-100k.inter", folder / "ml-100k.user"
+    if case == "unknown user":
+        edit(user, lambda ls: [line for line in ls if not line.startswith("3\t")])
+    elif case == "no header":
+        edit(user, lambda ls: ls[1:])
+    elif case == "header only":
+        edit(inter, lambda ls: ls[:1])
+    elif case == "empty":
+        inter.write_text("")
+    elif case == "only 4-5":
+        edit(inter, lambda ls: ls[:1] + [line for line in ls[1:] if line.split("\t")[2]
+                                          in "45"])
+    elif case == "too few":
+        edit(inter, lambda ls: ls[:13])
+    elif case == "data dir is a file":
+        folder = tmp_path / "a_file"
+        folder.write_text("x")
+    return folder
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown user", "user_id 3 is not in"),
+    ("no header", "ml-100k.user:1: recbole's layout starts with the typed header"),
+    ("header only", "ml-100k.inter: no data rows (empty or header only)"),
+    ("empty", "ml-100k.inter: no data rows"),
+    ("only 4-5", "of 1-2 (3s dropped): a click task needs both labels"),
+    ("too few", "AUC needs both labels"),
+    ("data dir is a file", "a_file: is a file, not a folder"),
+])
+def test_bad_movielens_input_is_one_line(tmp_path, case, message):
+    assert message in one_line(["--quick", "--data-dir", str(folder_where(tmp_path, case)),
+                                "--runs-dir", str(tmp_path / "runs"), "--out",
+                                str(tmp_path / "m.md")])
+
+
+def test_unreadable_file_and_unwritable_data_folder(tmp_path, monkeypatch):
+    folder = make_fixture(tmp_path / "m")
+    real = movielens.Path.read_text
+
+    def deny(path, *a, **kw):
+        if path.name == "ml-100k.item":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(movielens.Path, "read_text", deny)
+    assert "ml-100k.item: cannot read it (Permission denied)" in one_line(
+        ["--quick", "--data-dir", str(folder), "--out", str(tmp_path / "m.md")])
+    monkeypatch.undo()
+
+    def fake_pip(cmd, **kw):  # a wheel with the three files, as `pip download` leaves it
+        import zipfile
+        target = cmd[cmd.index("-d") + 1]
+        with zipfile.ZipFile(f"{target}/recbole-1.2.1-py3-none-any.whl", "w") as z:
+            for name in movielens.FILES.values():
+                z.writestr(f"recbole/dataset_example/ml-100k/{name}", "x")
+        return type("Done", (), {"returncode": 0, "stderr": ""})()
+    monkeypatch.setattr(movielens.subprocess, "run", fake_pip)
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert "a file stands where a folder of this path belongs" in one_line(
+        ["--fetch", "--data-dir", str(blocked / "ml-100k")])
+
+
+def test_no_network_for_lightgbm_fails_before_any_training(tiny, tmp_path, monkeypatch):
+    gbdt = __import__("stage2_ctr.gbdt", fromlist=["gbdt"])
+    monkeypatch.setattr(gbdt.subprocess, "run", lambda *a, **kw: type("Done", (), {
+        "returncode": 1, "stderr": "ERROR: No matching distribution found for lightgbm"})())
+    monkeypatch.setattr(chapter, "tune_and_run", lambda *a: pytest.fail("trained first"))
+    msg = one_line(["--models", "fm", "--seeds", "0", "--splits", "random", "--data-dir",
+                    str(tiny), "--out", str(tmp_path / "m.md"), "--runs-dir", str(tmp_path)])
+    assert "No matching distribution" in msg and "--skip-gbdt" in msg
+    assert not (tmp_path / "m.md").exists()
+
+
+def test_quick_sets_only_the_defaults_the_user_did_not_give():
+    args = chapter.parse_args(["--quick", "--seeds", "1,2", "--models", "fm,lr"])
+    assert args.seeds == [1, 2] and args.model_list == ["fm", "lr"]
+    assert args.split_list == ["random"] and args.skip_gbdt and args.lrs == [3e-3]
+    assert chapter.parse_args([]).seeds == [0, 1, 2, 3, 4]
+
+
+def test_only_the_default_run_writes_the_committed_results():
+    results, partial = ROOT / "results", ROOT / "runs" / "partial"
+    assert chapter.parse_args([]).out == results / "stage2_movielens.md"
+    assert chapter.parse_args(["--threads", "1", "--jobs", "1"]).out.parent == results
+    assert chapter.parse_args(["--models", "fm", "--seeds", "0", "--skip-gbdt"]).out == (
+        partial / "stage2_movielens.md")
+    assert chapter.parse_args(["--quick"]).out.parent == ROOT / "runs" / "quick"
