@@ -187,7 +187,7 @@ class SharedBottomMTL(nn.Module):
         self.backbone = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({t: nn.Linear(width, 1) for t in tasks})
 
-    def forward(self, batch):
+    def forward(self, batch):  # dict of (B, ...) inputs -> {task: logits (B,)}
         parts = [emb(batch["x_cat"][:, i]) for i, emb in enumerate(self.cat_embs)]
         if self.encoding == "standardize":
             parts.append(batch["x_num"])

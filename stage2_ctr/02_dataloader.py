@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import criteo  # noqa: E402
+from stage2_ctr import criteo, train_stats  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -105,7 +105,7 @@ def show_first_batch(first, hash_bits):
 
 
 def fit_and_write_stats(files, max_rows, n_labels):
-    stats = criteo.fit_stats(files, max_rows, n_labels)
+    stats = train_stats.fit_stats(files, max_rows, n_labels)
     out = Path(str(files[0]) + ".stats.json")
     common.write_json(out, stats)
     print(f"dense statistics over {stats['rows']:,} rows -> {out}")
@@ -120,7 +120,7 @@ def main(argv=None):
     try:
         if args.fit_stats:
             return fit_and_write_stats(args.fit_stats, args.stats_rows, args.labels)
-        stats = criteo.load_stats(args.stats) if args.stats else None
+        stats = train_stats.load_stats(args.stats) if args.stats else None
         rows, seconds, first, bad = read_through(
             args.files, args.batch_size, args.hash_bits, stats, args.labels,
             args.num_workers, args.group, args.chunk_kb, args.shuffle_buffer,
@@ -139,8 +139,8 @@ def main(argv=None):
             for line in criteo.describe_bad_rows(bad):
                 print(line)
         if args.report_collisions:
-            r = metrics["collisions"] = criteo.collision_report(args.files, args.hash_bits,
-                                                                args.labels)
+            r = metrics["collisions"] = train_stats.collision_report(
+                args.files, args.hash_bits, args.labels)
             print(f"hash collisions at 2^{args.hash_bits}: {r['distinct_values']:,} distinct "
                   f"(field, value) pairs -> {r['distinct_buckets']:,} buckets; "
                   f"{r['values_sharing_a_bucket']:.2%} of values share a bucket")

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import bench, criteo, training  # noqa: E402
+from stage2_ctr import bench, binary_cache, training  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -126,7 +126,7 @@ def train_part(args):
         cache_dir = tempfile.TemporaryDirectory(prefix="ctr_bench_cache_")
         cache = Path(cache_dir.name) / "cache"
         print(f"writing a binary cache of {args.file} into {cache} (this run only)")
-        criteo.write_cache([args.file], cache, workers=1)
+        binary_cache.write_cache([args.file], cache, workers=1)
         names += ["ours, from disk", "ours, binary cache", "ours, preloaded"]
     tmp = None
     if not args.skip_others:

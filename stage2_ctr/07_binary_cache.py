@@ -17,7 +17,7 @@ Read with it: the "binary cache" part at the end of stage2_ctr/criteo.py.
 Run:    python stage2_ctr/07_binary_cache.py stage2_ctr/data/synthetic/train.txt \\
             --out stage2_ctr/data/synthetic/train.bin [--stats FILE.stats.json] [--workers 2]
         python stage2_ctr/07_binary_cache.py --read stage2_ctr/data/synthetic/train.bin
-Import: criteo.BinaryStream(folder, batch_size) - the same (dense, sparse, label) batches as
+Import: binary_cache.BinaryStream(folder, batch_size) - the same (dense, sparse, label) batches as
         CriteoStream, sharded over DataLoader workers and DDP ranks the same way
 Writes: <out>/{dense,sparse,label}.bin + meta.json (written as <out>.tmp, renamed when complete)
 Time:   one pass of the loader: 2M rows in 3.5 s with 2 workers here; reading them back: 0.1 s
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: p
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import criteo  # noqa: E402
+from stage2_ctr import binary_cache, criteo  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 def read_once(folder, batch_size):
     """One pass over a cache in this process: rows/s."""
-    stream = criteo.BinaryStream(folder, batch_size)
+    stream = binary_cache.BinaryStream(folder, batch_size)
     t0, rows = time.perf_counter(), 0
     for dense, sparse, label in tqdm(stream, unit=" batches", desc="reading"):
         rows += len(dense)
@@ -76,8 +76,8 @@ def main(argv=None):
             raise criteo.CriteoFormatError(
                 f"{args.stats}: no such statistics file (make it with python "
                 f"stage2_ctr/02_dataloader.py --fit-stats {files[0]})")
-        meta = criteo.write_cache(files, args.out, args.hash_bits, args.stats, args.labels,
-                                  args.workers)
+        meta = binary_cache.write_cache(files, args.out, args.hash_bits, args.stats,
+                                        args.labels, args.workers)
     except criteo.CriteoFormatError as e:
         sys.exit(f"error: {e}")
     print(f"cached {meta['rows']:,} rows in {meta['seconds']:.1f} s "

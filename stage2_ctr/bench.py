@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import common
-from stage2_ctr import criteo
+from stage2_ctr import binary_cache, criteo
 from stage2_ctr.models import build_model, criteo_schema
 from stage2_ctr.training import autocast_for, make_optimizers, make_step
 
@@ -222,17 +222,17 @@ def timed_batches(step, batches, n_batches, source):
 
 
 def ours_from_cache(rows, b, cache, preload=False):
-    """The default step fed from a binary cache folder (criteo.BinaryStream, read in this
+    """The default step fed from a binary cache folder (binary_cache.BinaryStream, read in this
     process: nothing to parse), or with preload=True from the same rows loaded once into memory
-    and batched by a shuffled permutation (criteo.Preloaded, what `train_ctr.py --preload
+    and batched by a shuffled permutation (binary_cache.Preloaded, what `train_ctr.py --preload
     device` does). Timed over the same number of rows as the in-memory contender."""
     torch.manual_seed(0)
     model = build_model("deepfm", criteo_schema(20), emb_dim=EMB, mlp=MLP, sparse=True)
     step = make_step(model, make_optimizers(model, 1e-3))
     if preload:
-        source = criteo.Preloaded(criteo.read_all(cache), b, "cpu", shuffle=True)
+        source = binary_cache.Preloaded(binary_cache.read_all(cache), b, "cpu", shuffle=True)
     else:
-        source = criteo.BinaryStream(cache, b)
+        source = binary_cache.BinaryStream(cache, b)
 
     def one_pass():
         return timed_batches(step, iter(source), rows // b, cache)

@@ -11,11 +11,12 @@ What is here, in reading order:
   parsing         parse_int_fields, hash_fields, parse_block, transform_dense
   reading         check_path, iter_blocks (byte ranges per shard; gzip by round-robin blocks)
   CriteoStream    an IterableDataset of whole batches; iter_batches splits grouped transfers
-  statistics      fit_stats (dense mean/std), collision_report (the hash trick's cost)
-  binary cache    write_cache / BinaryStream: parse once, read fixed-width records (chapter 05)
+  bad rows        merge_reports, describe_bad_rows, scan (rows, bad rows, positives per file)
+What is fitted on the train split (dense statistics, rare values, collisions) is
+stage2_ctr/train_stats.py; the binary cache and preloading are stage2_ctr/binary_cache.py.
 
-Output of CriteoStream and BinaryStream, one tuple per batch (B rows, T label columns):
-  dense  float32 (B, 13)   log1p(max(x, 0)), standardized with fit_stats statistics when given;
+Output of CriteoStream (and of binary_cache.BinaryStream), one tuple per batch (B rows, T labels):
+  dense  float32 (B, 13)   log1p(max(x, 0)), standardized with train_stats.fit_stats when given;
                            missing -> 0 (the mean after standardization); (B, 26) with
                            missing_indicator=True: 13 values then 13 is-missing flags
   sparse int64   (B, 26)   hash bucket in [0, 2^hash_bits) of (field, value): one shared table,
@@ -24,17 +25,12 @@ Output of CriteoStream and BinaryStream, one tuple per batch (B rows, T label co
   label  float32 (B,)      or (B, T) when n_labels = T > 1 (columns: label_1 .. label_T)
 """
 import gzip
-import hashlib
-import json
 import os
-import shutil
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 N_DENSE, N_SPARSE = 13, 26
 HASH_SEED = 0x5EED_C217  # part of the data format: changing it changes every bucket
@@ -258,11 +254,6 @@ def open_binary(path):
                                 "as its owner") from None
 
 
-def is_gzip(path):
-    with open_binary(path) as f:
-        return f.read(2) == b"\x1f\x8b"
-
-
 def iter_blocks(path, chunk_bytes, shard=0, n_shards=1):
     """Yield (first_line_number or None, first_byte_offset, bytes) blocks of whole lines.
 
@@ -271,7 +262,9 @@ def iter_blocks(path, chunk_bytes, shard=0, n_shards=1):
     the stream, cuts the same blocks, and keeps block i when i % n_shards == shard.
     Line numbers are exact for gzip and for shard 0; other byte-range shards give None.
     """
-    if is_gzip(path):
+    with open_binary(path) as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if gzipped:
         yield from _iter_gzip_blocks(path, chunk_bytes, shard, n_shards)
         return
     size = os.path.getsize(path)
@@ -358,23 +351,17 @@ class CriteoStream(torch.utils.data.IterableDataset):
                  rare_filter=None):
         super().__init__()
         self.paths = check_paths(paths)
-        if not 1 <= hash_bits <= 40:
-            raise ValueError("hash_bits must be in [1, 40]")
-        if batch_size < 1 or chunk_bytes < 1 or group < 1 or shuffle_buffer < 0:
-            raise ValueError("batch_size, chunk_bytes and group must be >= 1, shuffle_buffer >= 0")
-        if not 0 <= max_bad_fraction <= 1:
-            raise ValueError("max_bad_fraction must be in [0, 1]")
-        if isinstance(dense_stats, (str, Path)):
-            dense_stats = load_stats(dense_stats)
+        if not (1 <= hash_bits <= 40 and min(batch_size, chunk_bytes, group) >= 1
+                and shuffle_buffer >= 0 and 0 <= max_bad_fraction <= 1):
+            raise ValueError("need hash_bits in [1, 40], batch_size, chunk_bytes, group >= 1, "
+                             "shuffle_buffer >= 0, max_bad_fraction in [0, 1]")
         self.batch_size, self.hash_bits, self.dense_stats = batch_size, hash_bits, dense_stats
         self.n_labels, self.chunk_bytes = n_labels, chunk_bytes
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
         self.drop_last, self.max_bad_fraction = drop_last, max_bad_fraction
         self.missing_indicator, self.report = missing_indicator, report
-        self.rare_filter = rare_filter  # RareFilter: rare values -> their field's rare bucket
-        # group > 1: each item carries `group` batches stacked, split again by iter_batches()
-        # in the consuming process - one transfer between processes instead of `group`
-        self.group = group
+        self.rare_filter = rare_filter  # train_stats.RareFilter: rare values -> a rare bucket
+        self.group = group  # > 1: `group` batches per item, one transfer (iter_batches splits)
         # after a full single-process pass: rows yielded, bad rows skipped, per-file counts
         self.stats = {"rows": 0, "bad_rows": 0, "files": {}}
 
@@ -465,8 +452,8 @@ class CriteoStream(torch.utils.data.IterableDataset):
 
 def iter_batches(loader, batch_size, reports=None):
     """Batches of batch_size rows from items of group * batch_size rows (views, no copy).
-    Handing a worker's batches over costs a shared-memory segment per tensor; at batch 4096
-    that alone capped a DataLoader at ~0.2-0.3M rows/s here, grouping 8 batches at ~1M.
+    Handing a worker's batches over costs a shared-memory segment per tensor, whatever its
+    size: grouping batches per transfer divides that fixed cost (results/stage2_loader.md).
     Bad-row reports (CriteoStream(report=True)) are appended to `reports`, not yielded. An
     error raised in a worker process arrives wrapped in the worker's traceback: it is raised
     again as the loader's own one-line message."""
@@ -515,7 +502,7 @@ def describe_bad_rows(files):
             for path, c in files.items() if c["bad_rows"]]
 
 
-# ----------------------------------------------------------------------------- dense statistics
+# ------------------------------------------------------------------------ a look at the files
 def scan(paths, n_labels=1, max_bad_fraction=0.01, stop_after=None):
     """Read files once without training on them: rows, bad-row counts per file and positives
     per label column. stop_after=N stops after N rows (a quick look at the first block)."""
@@ -528,338 +515,3 @@ def scan(paths, n_labels=1, max_bad_fraction=0.01, stop_after=None):
             break
     return {"rows": rows, "positives": positives[:n_labels].tolist(),
             "files": stream.stats["files"]}
-
-
-def fingerprint(path):
-    """What identifies a file's content cheaply: its size and the md5 of its first and last
-    MiB (a regenerated or appended file changes one of them; reading 2 MiB takes a moment)."""
-    size = os.path.getsize(path)
-    h = hashlib.md5()
-    with open_binary(path) as f:
-        h.update(f.read(1 << 20))
-        if size > 1 << 20:
-            f.seek(max(size - (1 << 20), 1 << 20))
-            h.update(f.read())
-    return {"path": str(path), "size": size, "md5_head_tail": h.hexdigest()}
-
-
-def fit_stats(paths, max_rows=2_000_000, n_labels=1, chunk_bytes=8 << 20):
-    """One pass over (the first max_rows of) train: mean/std of log1p(max(x, 0)) per dense
-    column over the non-missing values, plus each column's missing rate. Records the
-    fingerprint of every file it read, so stale statistics can be told apart (load_stats)."""
-    s1, s2 = np.zeros(N_DENSE), np.zeros(N_DENSE)
-    count, missing, rows = np.zeros(N_DENSE), np.zeros(N_DENSE), 0
-    paths = check_paths(paths)
-    for path in paths:
-        if rows >= max_rows:
-            break
-        for _, _, raw in iter_blocks(path, chunk_bytes):
-            p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
-            x = p["dense_raw"][: max_rows - rows]
-            present = ~np.isnan(x)
-            v = np.where(present, np.log1p(np.maximum(np.nan_to_num(x), 0)), 0.0)
-            s1, s2 = s1 + v.sum(0), s2 + (v * v).sum(0)
-            count, missing = count + present.sum(0), missing + (~present).sum(0)
-            rows += len(x)
-            if rows >= max_rows:
-                break
-    if rows == 0:
-        raise CriteoFormatError(f"{paths[0]}: no data rows (blank or malformed lines only); "
-                                "nothing to fit statistics on")
-    mean = s1 / np.maximum(count, 1)
-    std = np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean ** 2, 0)) + 1e-6
-    return {"rows": rows, "transform": "log1p(max(x, 0))", "mean": mean.tolist(),
-            "std": std.tolist(), "missing_rate": (missing / max(rows, 1)).tolist(),
-            "files": [str(p) for p in paths], "n_labels": n_labels,
-            "sources": [fingerprint(p) for p in paths]}
-
-
-def load_stats(path, train_files=None):
-    """Dense statistics from a fit_stats JSON, checked: 13 finite means and positive stds. With
-    train_files, also that they were fitted on exactly these files as they are now (size and
-    head/tail checksum); StaleStats when not."""
-    path = Path(path)
-    try:
-        stats = json.loads(path.read_text())
-        mean, std = np.asarray(stats["mean"], float), np.asarray(stats["std"], float)
-        ok = mean.shape == std.shape == (N_DENSE,) and np.isfinite(mean).all() and \
-            np.isfinite(std).all() and (std > 0).all()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CriteoFormatError(f"{path}: not a statistics file of 02_dataloader.py --fit-stats "
-                                f"({type(e).__name__}: {e}); delete it and fit again") from None
-    if not ok:
-        raise CriteoFormatError(f"{path}: needs 13 finite means and positive stds; delete it "
-                                "and fit again with 02_dataloader.py --fit-stats")
-    if train_files is not None:
-        now = [fingerprint(p) for p in check_paths(train_files)]
-        before = stats.get("sources")
-        if before is None or [(s["size"], s["md5_head_tail"]) for s in before] != \
-                [(s["size"], s["md5_head_tail"]) for s in now]:
-            was = ("no record of the files it was fitted on" if before is None else
-                   f"fitted on {', '.join(s['path'] for s in before)} as they were then "
-                   f"({', '.join(str(s['size']) for s in before)} bytes)")
-            files_now = ", ".join(f"{s['path']} ({s['size']} bytes)" for s in now)
-            raise StaleStats(f"{path}: {was}; the train file(s) now: {files_now}")
-    return stats
-
-
-class StaleStats(CriteoFormatError):
-    """Statistics fitted on other data than the train file(s) now on disk."""
-
-
-
-# --------------------------------------------------------------- rare values -> one bucket
-RARE_VALUE = "\x00rare"  # what a value seen fewer than min_count times is hashed as instead
-
-
-def count_buckets(paths, hash_bits, n_labels=1, chunk_bytes=8 << 20):
-    """How many rows of the files use each bucket of the shared table (int64, 2^hash_bits):
-    the counts behind a frequency threshold. Counted per bucket, not per value: two values
-    that share a bucket (a collision) count together."""
-    counts = np.zeros(1 << hash_bits, np.int64)
-    for path in check_paths(paths):
-        for _, _, raw in iter_blocks(path, chunk_bytes):
-            p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
-            counts += np.bincount(bucket_of(p["hashes"], hash_bits).ravel(),
-                                  minlength=1 << hash_bits)
-    return counts
-
-
-class RareFilter:
-    """Values seen fewer than min_count times in the training file(s) go to their field's
-    "rare" bucket (the hash of RARE_VALUE in that field), as industrial pipelines do (BARS's
-    Criteo_x4_001 maps values seen < 10 times to OOV): one well-estimated embedding per field
-    for the long tail, instead of thousands of rows each seen a few times, which are noise in
-    every model and worse than noise in the FM term, where each enters every pair."""
-
-    def __init__(self, counts, min_count, hash_bits):
-        self.keep = counts >= min_count
-        self.rare = np.array([bucket_of(hash_strings(f, [RARE_VALUE]), hash_bits)[0]
-                              for f in range(N_SPARSE)], np.int64)
-        self.min_count = min_count
-        self._torch = None  # the same tables as tensors, made on first use per device
-
-    def __call__(self, sparse):
-        """Filtered ids: numpy in, numpy out; a torch tensor in, a tensor out (same device)."""
-        if isinstance(sparse, np.ndarray):
-            return np.where(self.keep[sparse], sparse, self.rare)
-        if self._torch is None or self._torch[0].device != sparse.device:
-            self._torch = (torch.from_numpy(self.keep).to(sparse.device),
-                           torch.from_numpy(self.rare).to(sparse.device, sparse.dtype))
-        keep, rare = self._torch
-        return torch.where(keep[sparse], sparse, rare)
-
-    def share_kept(self, counts):
-        """The share of (row, field) values that keep their own bucket."""
-        return float(counts[self.keep].sum() / max(counts.sum(), 1))
-
-
-def collision_report(paths, hash_bits, n_labels=1, max_rows=None):
-    """Distinct (field, value) pairs vs distinct buckets they land in. The 64-bit hash stands in
-    for the value (two different values sharing all 64 bits is vanishingly unlikely)."""
-    uniques, rows = [], 0
-    for path in paths:
-        for _, _, raw in iter_blocks(check_path(path), 8 << 20):
-            p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
-            uniques.append(np.unique(p["hashes"]))
-            rows += len(p["hashes"])
-            if len(uniques) > 16:
-                uniques = [np.unique(np.concatenate(uniques))]
-            if max_rows and rows >= max_rows:
-                break
-    values = np.unique(np.concatenate(uniques))
-    buckets = np.unique(bucket_of(values, hash_bits))
-    return {"rows": rows, "hash_bits": hash_bits, "distinct_values": int(len(values)),
-            "distinct_buckets": int(len(buckets)),
-            "values_sharing_a_bucket": float(1 - len(buckets) / max(len(values), 1))}
-
-
-# ---------------------------------------------------------------------------- binary cache
-# Parse once, train many times (chapter 07_binary_cache.py): what CriteoStream yields, stored
-# as three raw fixed-width arrays plus a meta.json with the settings they depend on.
-COLUMNS = {"dense": np.float32, "sparse": np.int32, "label": np.float32}
-
-
-def write_cache(files, out, hash_bits=20, stats=None, n_labels=1, workers=2, progress=True):
-    """Stream `files` through CriteoStream once and append its arrays to raw files in
-    <out>.tmp/, renamed to <out> at the end: an interrupted run leaves no half cache. Rows are
-    in the loader's order: with workers, their blocks interleave (deterministically)."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = check_paths(files)
-    dense_stats = load_stats(stats) if stats else None
-    stream = CriteoStream(files, 32768, hash_bits, dense_stats, n_labels=n_labels)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    sinks = {name: open(tmp / f"{name}.bin", "wb") for name in COLUMNS}
-    rows, t0 = 0, time.perf_counter()
-    try:
-        with tqdm(unit=" rows", unit_scale=True, desc="caching", disable=not progress) as bar:
-            for dense, sparse, label in iter_batches(loader, 32768):
-                arrays = {"dense": dense, "sparse": sparse.to(torch.int32),
-                          "label": label if label.dim() == 2 else label[:, None]}
-                for name, a in arrays.items():
-                    sinks[name].write(a.numpy().astype(COLUMNS[name], copy=False).tobytes())
-                rows += len(dense)
-                bar.update(len(dense))
-        if rows == 0:
-            raise CriteoFormatError(f"{files[0]}: no data rows (blank or malformed lines only)")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed run leaves nothing behind
-        raise
-    finally:
-        for f in sinks.values():
-            f.close()
-    meta = {"script": "stage2_ctr/07_binary_cache.py", "rows": rows,
-            "sources": [str(f) for f in files], "hash_bits": hash_bits,
-            "source_fingerprints": [fingerprint(f) for f in files],
-            "dense_stats": str(stats) if stats else None, "n_labels": n_labels,
-            "dense_stats_values": ({k: dense_stats[k] for k in ("mean", "std")}
-                                   if dense_stats else None),
-            "widths": {"dense": int(dense.shape[1]) if rows else 13, "sparse": 26,
-                       "label": n_labels},
-            "dtypes": {k: np.dtype(v).name for k, v in COLUMNS.items()},
-            "seconds": time.perf_counter() - t0}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return meta
-
-
-class BinaryStream(torch.utils.data.IterableDataset):
-    """(dense float32 (B, 13), sparse int64 (B, 26), label float32 (B,) or (B, T)) batches from
-    a cache folder. Rows are read in blocks of `group` batches (~64k rows: one read and one
-    int32 -> int64 conversion per block, not per batch - at batch 1024 the per-call costs were
-    a third of LR's step); block k goes to shard k mod n_shards (DataLoader workers x DDP ranks),
-    so every row is read exactly once per pass. Memory: one block (the file pages are the OS's).
-    """
-
-    def __init__(self, folder, batch_size, shuffle=False, seed=0, group=None, rare_filter=None):
-        super().__init__()
-        folder = Path(folder)
-        self.rare_filter = rare_filter
-        meta_path = folder / "meta.json"
-        if not meta_path.is_file():
-            raise CriteoFormatError(f"{folder}: not a binary cache (no meta.json); make it with "
-                                    f"python stage2_ctr/07_binary_cache.py FILE --out {folder}")
-        self.meta = json.loads(meta_path.read_text())
-        self.rows, self.batch_size = self.meta["rows"], batch_size
-        self.group = group or max(1, 65536 // batch_size)
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.paths = {}
-        for name, dtype in COLUMNS.items():
-            path = folder / f"{name}.bin"
-            width = self.meta["widths"][name]
-            expected = self.rows * width * np.dtype(dtype).itemsize
-            if not path.is_file() or path.stat().st_size != expected:
-                raise CriteoFormatError(f"{path}: expected {expected:,} bytes for "
-                                        f"{self.rows:,} rows x {width} "
-                                        f"{np.dtype(dtype).name}; rebuild the cache")
-            self.paths[name] = (path, dtype, width)
-        for before in self.meta.get("source_fingerprints", []):  # a source that changed since
-            source = Path(before["path"])
-            if source.is_file() and fingerprint(source) != before:
-                raise CriteoFormatError(
-                    f"{folder}: made from {source} as it was then ({before['size']:,} bytes); "
-                    "that file has changed since: rebuild the cache with python "
-                    f"stage2_ctr/07_binary_cache.py {source} --out {folder}")
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _read(self, name, start, stop):
-        """Rows [start, stop) of one array: a plain read into a fresh array. (np.memmap would
-        do too, but every page it touches stays counted in the process's RSS: a pass over a
-        3 GB cache showed 3.4 GB RSS, although it is all reclaimable page cache.)"""
-        path, dtype, width = self.paths[name]
-        itemsize = np.dtype(dtype).itemsize
-        a = np.fromfile(path, dtype, count=(stop - start) * width,
-                        offset=start * width * itemsize)
-        return a.reshape(stop - start, width)
-
-    def __iter__(self):
-        shard, n_shards = shard_info()
-        block_rows = self.batch_size * self.group
-        n_blocks = -(-self.rows // block_rows)
-        order = np.arange(n_blocks)
-        if self.shuffle:  # blocks in a new order each epoch; rows inside a block stay together
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(n_blocks)
-        for k in order[shard::n_shards]:
-            start, stop = k * block_rows, min((k + 1) * block_rows, self.rows)
-            dense = torch.from_numpy(self._read("dense", start, stop))
-            sparse = self._read("sparse", start, stop).astype(np.int64)
-            sparse = torch.from_numpy(self.rare_filter(sparse) if self.rare_filter else sparse)
-            label = torch.from_numpy(self._read("label", start, stop))
-            if label.shape[1] == 1:
-                label = label[:, 0]
-            yield from zip(dense.split(self.batch_size), sparse.split(self.batch_size),
-                           label.split(self.batch_size))
-
-
-def is_cache(path):
-    """A binary cache folder (written by write_cache) rather than text file(s)."""
-    if isinstance(path, (list, tuple)):
-        return len(path) == 1 and is_cache(path[0])
-    return Path(path).is_dir() and (Path(path) / "meta.json").is_file()
-
-
-def cache_counts(folder, hash_bits):
-    """count_buckets for a binary cache: its ids are already buckets."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    if meta["hash_bits"] != hash_bits:
-        raise CriteoFormatError(f"{folder}: cached at 2^{meta['hash_bits']} buckets, not "
-                                f"2^{hash_bits}; rebuild it or pass --hash-bits "
-                                f"{meta['hash_bits']}")
-    ids = np.fromfile(Path(folder) / "sparse.bin", np.int32)
-    return np.bincount(ids, minlength=1 << hash_bits).astype(np.int64)
-
-
-def read_all(source, hash_bits=20, stats=None, n_labels=1, rare_filter=None):
-    """A whole split as three CPU tensors (dense float32, sparse int32, label float32 (N, T)):
-    from a binary cache folder (one read per array) or through CriteoStream from text files."""
-    if is_cache(source):
-        stream = BinaryStream(source[0] if isinstance(source, (list, tuple)) else source, 1)
-        dense, sparse, label = (torch.from_numpy(stream._read(name, 0, stream.rows))
-                                for name in COLUMNS)
-    else:
-        parts = list(CriteoStream(source, 1 << 16, hash_bits, stats, n_labels))
-        if not parts:
-            raise CriteoFormatError(f"{source}: no data rows")
-        dense, sparse, label = (torch.cat(p) for p in zip(*parts))
-        sparse, label = sparse.to(torch.int32), label.reshape(len(label), -1)
-    if rare_filter is not None:
-        sparse = rare_filter(sparse.long()).to(torch.int32)
-    return dense, sparse, label
-
-
-class Preloaded:
-    """A whole split resident in device memory (GPU memory, or CPU RAM), batched by index:
-    the next batch is a gather from tensors already on the device, so nothing crosses the
-    PCIe bus and no process parses. shuffle: a new permutation per epoch, drawn on the
-    device from (seed, epoch); without it, batches are slices in file order (the same batches
-    as the text loader's). Memory: 13 x 4 + 26 x 4 + 4 x T = 160 bytes a row for one label
-    (ids kept as int32, widened per batch): Criteo Kaggle's 45.8M rows take 7.3 GB."""
-
-    def __init__(self, tensors, batch_size, device, shuffle=False, seed=0):
-        self.dense, self.sparse, self.label = (t.to(device) for t in tensors)
-        if self.label.dim() == 2 and self.label.shape[1] == 1:
-            self.label = self.label[:, 0]
-        self.batch_size, self.device = batch_size, torch.device(device)
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-
-    def __len__(self):
-        return len(self.label)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        n, b = len(self.label), self.batch_size
-        if not self.shuffle:
-            for i in range(0, n, b):
-                yield self.dense[i:i + b], self.sparse[i:i + b].long(), self.label[i:i + b]
-            return
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.epoch)
-        for idx in torch.randperm(n, generator=g, device=self.device).split(b):
-            yield self.dense[idx], self.sparse[idx].long(), self.label[idx]

@@ -6,8 +6,11 @@ of the batch), LogLoss + AUC on validation, early stopping, checkpoints you can 
 DDP across processes with the same script (torchrun). On synthetic data the oracle's scores are
 printed next to the model's, so you see how far from the best possible each model is.
 
+This file reads top to bottom: config, data (every input checked before the first step), model
+and optimizers, the loop (one evaluate-and-checkpoint site), the report.
 Read with it: stage2_ctr/models/layers.py and the model you train, stage2_ctr/training.py (the
-optimizers and the step), stage2_ctr/criteo.py (the loader, chapter 02).
+optimizers and the step), stage2_ctr/criteo.py (the loader, chapter 02), stage2_ctr/
+train_stats.py (dense statistics, rare values) and stage2_ctr/binary_cache.py (chapter 07).
 Run:    python stage2_ctr/train_ctr.py --model deepfm
         python stage2_ctr/train_ctr.py --model dcn --cross-layers 3 --epochs 2 --device cuda
         torchrun --nproc_per_node 2 stage2_ctr/train_ctr.py --model deepfm     # DDP (gloo on CPU)
@@ -18,23 +21,24 @@ Writes: runs/<name>/metrics.json (with the config), curves.png, best.pt (best on
 Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
+import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import criteo  # noqa: E402
+from stage2_ctr import binary_cache, criteo, train_stats  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
-from stage2_ctr.training import (TrainError, amp_dtype, autocast_for, check_inputs,  # noqa
-                                 cpu_has_native_bf16, dense_stats, epoch_batches, evaluate,
-                                 load_last, make_optimizers, make_step, oracle_scores, rare_filter,
-                                 save_last, setup_distributed, train_source)
+from stage2_ctr.training import (amp_dtype, autocast_for, cpu_has_native_bf16,  # noqa: E402
+                                 make_optimizers, make_step, predict)
 
 DATA = Path(__file__).resolve().parent / "data" / "synthetic"
 # ------------------------------------------------------------------------------------ config
@@ -74,6 +78,14 @@ class TrainConfig:
     seed: int = 0
     run_name: str = None
     runs_dir: str = str(common.RUNS)
+
+
+# what may change between a run and its --resume (everything else must be equal)
+RESUMABLE = {"epochs", "max_steps", "patience", "eval_every", "ckpt_every", "threads", "runs_dir"}
+
+
+class TrainError(ValueError):
+    """A run that cannot start or continue: the message is one line saying why and what to do."""
 
 
 def parse_args(argv=None):
@@ -116,7 +128,7 @@ def parse_args(argv=None):
                         "native bf16, i.e. avx512_bf16/amx_bf16; tables, loss, optimizer fp32)")
     p.add_argument("--preload", choices=["none", "device"], default=d.preload,
                    help="device: load the whole train split (best from a binary cache) into "
-                        "device memory once and batch it there (see criteo.Preloaded)")
+                        "device memory once and batch it there (see binary_cache.Preloaded)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--num-workers", type=common.non_negative_int, default=d.num_workers,
                    help="loader worker processes")
@@ -142,7 +154,158 @@ def parse_args(argv=None):
     return cfg, resume, quiet
 
 
-# -------------------------------------------------------------------------------------- set-up
+# ---------------------------------------------------------------------------------- data
+def check_inputs(cfg, say):
+    """Before any training step: every file readable, no file in two splits, the train files'
+    first rows parse, val and test read whole (rows, bad rows, both classes present - AUC needs
+    both). The train split may instead be one binary cache folder (07_binary_cache.py), checked
+    by opening it. Returns the bad-row counts of val and test."""
+    cache = binary_cache.is_cache(cfg.train[0])
+    if cache:
+        if len(cfg.train) > 1:
+            raise TrainError(f"--train {cfg.train[0]} is a binary cache: give it alone")
+        binary_cache.BinaryStream(cfg.train[0], cfg.batch_size)  # whole, sources unchanged
+    where = {}
+    for split, files in [("train", [] if cache else cfg.train), ("val", cfg.val),
+                         ("test", cfg.test)]:
+        for path in criteo.check_paths(files):
+            other = where.setdefault(path.resolve(), split)
+            if other != split:
+                raise TrainError(f"{path}: is in --{other} and in --{split}; a model scored on "
+                                 "rows it trained on (or tuned on) says nothing - split it first")
+    if not cache and criteo.scan(cfg.train, stop_after=1)["rows"] == 0:
+        raise TrainError(f"{cfg.train[0]}: no data rows (blank lines only?)")
+    bad_rows = {}
+    for split, files in [("val", cfg.val), ("test", cfg.test)]:
+        s = criteo.scan(files)
+        if s["rows"] == 0 or s["positives"][0] in (0, s["rows"]):
+            raise TrainError(f"{files[0]}: --{split} has {s['rows']:,} rows and "
+                             f"{s['positives'][0]:,.0f} positives; AUC needs both classes")
+        bad_rows[split] = s["files"]
+        for line in criteo.describe_bad_rows(s["files"]):
+            say(f"{split}: {line}")
+    return bad_rows
+
+
+def dense_stats(stats_path, train_files, rank, say):
+    """The train split's dense statistics. Given with --stats: read and checked against the
+    train files (stale or broken: an error). Else <train>.stats.json, fitted by rank 0 when
+    missing, broken or fitted on another version of the train file (with a notice). A binary
+    cache has its statistics baked in: those (or None, raw values) are the ones val/test use."""
+    if binary_cache.is_cache(train_files[0]):
+        meta = json.loads((Path(train_files[0]) / "meta.json").read_text())
+        return meta.get("dense_stats_values")
+    if stats_path:
+        if not Path(stats_path).is_file():
+            raise TrainError(f"--stats {stats_path}: not found; leave --stats out to fit them "
+                             f"from the train file, or make it with python stage2_ctr/"
+                             f"02_dataloader.py --fit-stats {train_files[0]}")
+        return train_stats.load_stats(stats_path, train_files)
+    path = Path(str(train_files[0]) + ".stats.json")
+    if rank == 0:
+        try:
+            train_stats.load_stats(path, train_files) if path.exists() else None
+        except criteo.CriteoFormatError as e:
+            say(f"{e}: fitting them again")
+            path.unlink()
+        if not path.exists():
+            common.write_json(path, train_stats.fit_stats(train_files, 1_000_000))
+    if dist.is_initialized():
+        dist.barrier()
+    return train_stats.load_stats(path)
+
+
+def rare_filter(train_files, hash_bits, min_count, rank, say):
+    """train_stats.RareFilter from the bucket counts of the train files (None when min_count is 0).
+    The counts are cached next to the first train file with the fingerprints of the files
+    they were counted on, and recounted when those changed."""
+    if not min_count:
+        return None
+    if binary_cache.is_cache(train_files[0]):
+        counts = binary_cache.cache_counts(train_files[0], hash_bits)
+        return _announce(train_stats.RareFilter(counts, min_count, hash_bits), counts, say)
+    path = Path(str(train_files[0]) + f".counts{hash_bits}.npz")
+    now = json.dumps([train_stats.fingerprint(p) for p in criteo.check_paths(train_files)])
+    if rank == 0:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                fresh = str(z["sources"]) == now
+        except (OSError, KeyError, ValueError):
+            fresh = False
+        if not fresh:
+            counts = train_stats.count_buckets(train_files, hash_bits)
+
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    np.savez(f, counts=counts, sources=np.array(now))
+            common.atomic_write(path, write)
+    if dist.is_initialized():
+        dist.barrier()
+    with np.load(path, allow_pickle=False) as z:
+        counts = z["counts"]
+    return _announce(train_stats.RareFilter(counts, min_count, hash_bits), counts, say)
+
+
+def _announce(filt, counts, say):
+    say(f"--min-count {filt.min_count}: {int(filt.keep.sum()):,} buckets with >= "
+        f"{filt.min_count} rows keep their own row, {filt.share_kept(counts):.1%} of the train "
+        "values; the rest go to their field's rare bucket")
+    return filt
+
+
+def train_source(cfg, stats, rare, device):
+    """Where the training batches come from: the text loader (workers hand over 8 batches at
+    a time and report their bad rows at the end of each pass), a binary cache folder read in
+    blocks, or - with --preload device - the whole split resident in device memory."""
+    shuffle = cfg.shuffle_buffer > 0
+    if cfg.preload == "device":
+        source = cfg.train[0] if binary_cache.is_cache(cfg.train[0]) else cfg.train
+        return binary_cache.Preloaded(binary_cache.read_all(source, cfg.hash_bits, stats,
+                                                            rare_filter=rare),
+                                      cfg.batch_size, device, shuffle=shuffle, seed=cfg.seed)
+    if binary_cache.is_cache(cfg.train[0]):
+        return binary_cache.BinaryStream(cfg.train[0], cfg.batch_size, shuffle=shuffle,
+                                         seed=cfg.seed, rare_filter=rare)
+    return criteo.CriteoStream(cfg.train, cfg.batch_size, cfg.hash_bits, stats,
+                               shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                               group=8 if cfg.num_workers else 1, report=True,
+                               rare_filter=rare)
+
+
+def epoch_batches(stream, epoch, num_workers, batch_size, seed, device, reports):
+    """The epoch's batches with whether each is the last one (a one-batch lookahead), so the
+    loop can evaluate at the end of an epoch from one call site. The DataLoader gets its own
+    generator: creating the iterator must not draw from the global RNG that dropout uses, or a
+    resumed run would see other dropout masks than the original."""
+    stream.set_epoch(epoch)
+    if isinstance(stream, binary_cache.Preloaded):  # batches already on the device, no process
+        it = iter(stream)
+    else:  # pinned host memory: the copies to a GPU run asynchronously (non_blocking)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                             pin_memory=device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(seed))
+        it = criteo.iter_batches(loader, batch_size, reports)
+    batch = next(it, None)
+    while batch is not None:
+        following = next(it, None)
+        yield batch, following is None
+        batch = following
+
+
+# ------------------------------------------------------------------ model, devices
+def setup_distributed(device_name):
+    """torchrun sets RANK/WORLD_SIZE; one process = one rank. gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = common.resolve_device(device_name, local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
+
+
 def build(cfg, device):
     """The model (sparse tables on CPU by default), its optimizers, the module to train
     (compiled and/or DDP-wrapped) and whether the tables are sparse."""
@@ -158,42 +321,91 @@ def build(cfg, device):
     return model, optimizers, train_model, sparse
 
 
-@dataclass
-class Run:
-    """What one training run holds: its data, model, optimizers, folder and loop state."""
-    train_stream: criteo.CriteoStream
-    val_stream: criteo.CriteoStream
-    test_stream: criteo.CriteoStream
-    model: torch.nn.Module
-    optimizers: list
-    step: object        # training.make_step: (dense, sparse, label) -> loss on the device
-    run_dir: Path
-    state: dict         # what last.pt carries: step, epoch, best, history, ...
-    bad_rows: dict      # per split: per-file counts of the rows the loader skipped
-    autocast: object    # None (fp32) or a factory of bf16 autocast contexts
+# ------------------------------------------------------- evaluation and checkpoints
+def evaluate(model, stream, device, autocast=None):
+    """AUC and LogLoss over a whole split (with DDP: each rank its shard, then gathered)."""
+    p, y = predict(model, stream, device, autocast)
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (p, y))
+        p = torch.cat([torch.from_numpy(g[0]) for g in gathered]).numpy()
+        y = torch.cat([torch.from_numpy(g[1]) for g in gathered]).numpy()
+    return common.auc_logloss(y, p)
 
 
-def prepare(cfg, resume, rank, world, device, say):
-    """Data (every input checked first), model, optimizers, run folder and the state to start
-    from (a fresh one, or last.pt's with --resume)."""
+def oracle_scores(files):
+    """On synthetic data 01_make_subset.py wrote the oracle's scores into meta.json."""
+    meta_path = Path(files[0]).parent / "meta.json"
+    split = Path(files[0]).name.split(".")[0]
+    if len(files) != 1 or not meta_path.exists():
+        return None
+    r = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
+    if "oracle_auc" not in r:
+        return None
+    return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
+
+
+def save_last(path, model, optimizers, state, cfg):
+    common.torch_save({"model": model.state_dict(), "state": state,
+                       "rng": torch.get_rng_state(), "config": asdict(cfg),
+                       "optimizers": [o.state_dict() for o in optimizers]}, path)
+
+
+def load_last(path, model, optimizers, device, cfg):
+    """The state of an interrupted run, after checking that last.pt is whole and was written
+    with this config (what may differ: RESUMABLE)."""
+    try:
+        ckpt = torch.load(path, weights_only=True, map_location=device)
+        saved = json.loads(json.dumps(ckpt["config"]))
+    except Exception as e:  # a truncated file fails inside torch/zip with varying types
+        raise TrainError(f"{path}: truncated or not a checkpoint of this trainer "
+                         f"({type(e).__name__}); delete it to start over") from None
+    now = json.loads(json.dumps(asdict(cfg)))
+    differ = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if differ:
+        raise TrainError(f"--resume: {path} was written with " + ", ".join(
+            f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in differ)
+            + "; resume with the same settings, or start a new --run-name")
+    model.load_state_dict(ckpt["model"])
+    for opt, sd in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(sd)
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+# ------------------------------------------------------------------------------ the run
+def train(cfg, resume=False, quiet=False):
+    """One training run; returns the metrics dict that it writes to runs/<name>/metrics.json."""
+    t_start = time.perf_counter()
+    rank, world, device = setup_distributed(cfg.device)
+    common.set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    say = (lambda *a: None) if quiet or rank else tqdm.write
+
+    # data: every input checked before the first step; statistics fitted on train only
     bad_rows = check_inputs(cfg, say)
     stats = dense_stats(cfg.stats, cfg.train, rank, say)
     rare = rare_filter(cfg.train, cfg.hash_bits, cfg.min_count, rank, say)
     train_stream = train_source(cfg, stats, rare, device)
     val_stream, test_stream = (criteo.CriteoStream(f, cfg.batch_size, cfg.hash_bits, stats,
                                                    rare_filter=rare) for f in (cfg.val, cfg.test))
+
+    # model, optimizers, precision
     model, optimizers, train_model, sparse = build(cfg, device)
     autocast = autocast_for(device, amp_dtype(cfg.amp, device))
     if cfg.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         say("notice: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16/amx_bf16): "
             "expect it to run several times slower than fp32 (results/stage2_precision.md)")
+    step_fn = make_step(train_model, optimizers, autocast=autocast)
+
+    # the run folder, and where to start: from scratch or from last.pt (--resume)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         common.remove_stale_tmp(run_dir)  # half-written files of a killed run
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_auc": -1.0, "best_step": 0,
-             "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0,
-             "loss_sum": 0.0, "loss_n": 0}
+             "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0, "loss_sum": 0.0,
+             "loss_n": 0}
     if resume and (run_dir / "last.pt").exists():
         state = load_last(run_dir / "last.pt", model, optimizers, device, cfg)
         say(f"resumed from {run_dir / 'last.pt'} at step {state['step']}")
@@ -203,92 +415,77 @@ def prepare(cfg, resume, rank, world, device, say):
         f"{device} | world {world} | sparse tables {sparse} | batch {cfg.batch_size} | "
         f"hash 2^{cfg.hash_bits} | {'bf16 autocast' if autocast else 'fp32'} | train from "
         f"{type(train_stream).__name__}")
-    return Run(train_stream, val_stream, test_stream, model, optimizers,
-               make_step(train_model, optimizers, autocast=autocast), run_dir, state, bad_rows,
-               autocast)
-
-
-def train(cfg, resume=False, quiet=False):
-    """One training run; returns the metrics dict that it writes to runs/<name>/metrics.json."""
-    t_start = time.perf_counter()
-    rank, world, device = setup_distributed(cfg.device)
-    common.set_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    say = (lambda *a: None) if quiet or rank else tqdm.write
-    run = prepare(cfg, resume, rank, world, device, say)
-    state, model, step, run_dir, bad_rows = (run.state, run.model, run.step, run.run_dir,
-                                             run.bad_rows)
-
-    bar = tqdm(total=cfg.max_steps or None, initial=state["step"], unit=" step",
-               disable=quiet or rank != 0)
-    stop, loss_n = False, state["loss_n"]
+    # the loop's state in plain locals; last.pt saves them, --resume restores them
+    step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+    best_auc, best_step, bad_evals = state["best_auc"], state["best_step"], state["bad_evals"]
+    history, samples, train_seconds = state["history"], state["samples"], state["train_seconds"]
+    # the train loss summed since the last evaluation, kept on the device (no sync per step)
     loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64, device=device)
-    while state["epoch"] < cfg.epochs and not stop:
+    loss_n = state["loss_n"]
+
+    bar = tqdm(total=cfg.max_steps or None, initial=step, unit=" step", disable=quiet or rank != 0)
+    stop = False
+    while epoch < cfg.epochs and not stop:
         t0, reports = time.perf_counter(), []
-        batches = epoch_batches(run.train_stream, state["epoch"], cfg.num_workers,
-                                cfg.batch_size, cfg.seed, device, reports)
+        batches = epoch_batches(train_stream, epoch, cfg.num_workers, cfg.batch_size, cfg.seed,
+                                device, reports)
         for i, ((dense, sparse_ids, label), last) in enumerate(batches):
-            if i < state["batches_in_epoch"]:
+            if i < batches_in_epoch:
                 continue  # resume: the stream is deterministic, skip what already ran
-            # one step; the loss stays on the device (no host sync per step)
-            loss = step(dense.to(device, non_blocking=True),
-                        sparse_ids.to(device, non_blocking=True),
-                        label.to(device, non_blocking=True))
+            # one step; the loss stays on the device
+            loss = step_fn(dense.to(device, non_blocking=True),
+                           sparse_ids.to(device, non_blocking=True),
+                           label.to(device, non_blocking=True))
             loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            state.update(step=state["step"] + 1, batches_in_epoch=i + 1,
-                         samples=state["samples"] + len(label) * world)
+            step, batches_in_epoch, samples = step + 1, i + 1, samples + len(label) * world
             bar.update(1)
-            if state["step"] % 50 == 0:  # the progress bar: the only read between evaluations
-                seconds = state["train_seconds"] + time.perf_counter() - t0
+            if step % 50 == 0:  # the progress bar: the only read between evaluations
+                seconds = train_seconds + time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / loss_n:.4f}",
-                                samples_s=f"{state['samples'] / seconds:,.0f}")
+                                samples_s=f"{samples / seconds:,.0f}")
             if last:  # the epoch is over: its bad rows, counted by the loader workers
-                state.update(epoch=state["epoch"] + 1, batches_in_epoch=0)
+                epoch, batches_in_epoch = epoch + 1, 0
                 bad_rows["train"] = criteo.merge_reports(reports)
                 for line in criteo.describe_bad_rows(bad_rows["train"]):
-                    say(f"train, epoch {state['epoch']}: {line}")
-            # evaluate and checkpoint: every eval_every steps, at each epoch end, at max_steps
-            at_max = cfg.max_steps and state["step"] >= cfg.max_steps
-            if last or at_max or (cfg.eval_every and state["step"] % cfg.eval_every == 0):
-                state["train_seconds"] += time.perf_counter() - t0
-                val = evaluate(model, run.val_stream, device, run.autocast)
-                stop = record_eval(state, val, loss_sum.item() / max(loss_n, 1),
-                                   cfg.patience, run_dir, model, rank, say) or bool(at_max)
+                    say(f"train, epoch {epoch}: {line}")
+            # evaluate (and keep the best model): every eval_every steps, at each epoch end,
+            # at max_steps; stop when val AUC has not improved for `patience` evaluations
+            at_max = cfg.max_steps and step >= cfg.max_steps
+            if last or at_max or (cfg.eval_every and step % cfg.eval_every == 0):
+                train_seconds += time.perf_counter() - t0
+                val = evaluate(model, val_stream, device, autocast)
+                train_loss = loss_sum.item() / max(loss_n, 1)
+                history.append({"step": step, "train_loss": train_loss, "val_auc": val["auc"],
+                                "val_logloss": val["logloss"]})
+                if val["auc"] > best_auc:
+                    best_auc, best_step, bad_evals = val["auc"], step, 0
+                    if rank == 0:
+                        common.torch_save(model.state_dict(), run_dir / "best.pt")
+                else:
+                    bad_evals += 1
+                say(f"step {step}: train logloss {train_loss:.4f} | val AUC {val['auc']:.4f} "
+                    f"logloss {val['logloss']:.4f}")
+                stop = bad_evals >= cfg.patience or bool(at_max)
                 loss_sum.zero_()
                 loss_n, t0 = 0, time.perf_counter()
-            if rank == 0 and cfg.ckpt_every and (last or state["step"] % cfg.ckpt_every == 0):
-                state.update(loss_sum=loss_sum.item(), loss_n=loss_n)  # the running loss too
-                save_last(run_dir / "last.pt", model, run.optimizers, state, cfg)
+            # checkpoint: every ckpt_every steps and at each epoch end
+            if rank == 0 and cfg.ckpt_every and (last or step % cfg.ckpt_every == 0):
+                state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                         "best_auc": best_auc, "best_step": best_step, "bad_evals": bad_evals,
+                         "history": history, "samples": samples,
+                         "train_seconds": train_seconds, "loss_sum": loss_sum.item(),
+                         "loss_n": loss_n}
+                save_last(run_dir / "last.pt", model, optimizers, state, cfg)
             if stop:
                 break
     bar.close()
-    state["bad_rows"] = bad_rows
-    return finish(cfg, run, device, rank, world, time.perf_counter() - t_start, quiet)
 
-
-def record_eval(state, val, train_loss, patience, run_dir, model, rank, say):
-    """Log the evaluation, keep best.pt when val AUC improved; True when patience ran out."""
-    state["history"].append({"step": state["step"], "train_loss": train_loss,
-                             "val_auc": val["auc"], "val_logloss": val["logloss"]})
-    if val["auc"] > state["best_auc"]:
-        state.update(best_auc=val["auc"], best_step=state["step"], bad_evals=0)
-        if rank == 0:
-            common.torch_save(model.state_dict(), run_dir / "best.pt")
-    else:
-        state["bad_evals"] += 1
-    say(f"step {state['step']}: train logloss {train_loss:.4f} | val AUC {val['auc']:.4f} "
-        f"logloss {val['logloss']:.4f}")
-    return state["bad_evals"] >= patience
-
-
-def finish(cfg, run, device, rank, world, wall_s, quiet):
-    """Test with the best checkpoint, write metrics.json and curves.png, print the report."""
-    model, state, run_dir = run.model, run.state, run.run_dir
+    # test the best checkpoint; metrics.json, curves.png and the report
     if (run_dir / "best.pt").exists():
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True,
                                          map_location=device))
-    splits = {"val": evaluate(model, run.val_stream, device, run.autocast),
-              "test": evaluate(model, run.test_stream, device, run.autocast)}
+    splits = {"val": evaluate(model, val_stream, device, autocast),
+              "test": evaluate(model, test_stream, device, autocast)}
     for name, files in [("val", cfg.val), ("test", cfg.test)]:
         oracle = oracle_scores(files)
         if oracle:
@@ -298,17 +495,17 @@ def finish(cfg, run, device, rank, world, wall_s, quiet):
     metrics = {"script": "stage2_ctr/train_ctr.py", "model": cfg.model,
                "dataset": Path(cfg.train[0]).parent.name, "device": str(device),
                "seed": cfg.seed, "world_size": world, "config": asdict(cfg), "splits": splits,
-               "best_step": state["best_step"], "steps": state["step"],
-               "history": state["history"], "bad_rows": state["bad_rows"],
+               "best_step": best_step, "steps": step, "history": history, "bad_rows": bad_rows,
                "parameters": sum(p.numel() for p in model.parameters()),
-               "train_samples_per_s": state["samples"] / max(state["train_seconds"], 1e-9),
+               "train_samples_per_s": samples / max(train_seconds, 1e-9),
                "peak_rss_mb": common.peak_rss_mb(),
                "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
-                               if device.type == "cuda" else None), "wall_s": wall_s}
+                               if device.type == "cuda" else None),
+               "wall_s": time.perf_counter() - t_start}
     if rank == 0:
         common.write_json(run_dir / "metrics.json", metrics)
-        if state["history"]:
-            plot_curves(state["history"], run_dir / "curves.png")
+        if history:
+            plot_curves(history, run_dir / "curves.png")
         if not quiet:
             report(metrics, run_dir)
     if dist.is_initialized():

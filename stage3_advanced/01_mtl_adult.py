@@ -80,8 +80,15 @@ def gate_usage(model, test_inputs, rows=4096):
     """Mean gate weight per expert for each task on test rows (MMoE / PLE): do the tasks lean
     on different experts, or has every gate collapsed onto the same one?"""
     gates = getattr(model.block, "gates", None) or model.block.levels[-1].task_gates
+    seen = {}  # gate -> its weights on the rows, computed from the gate's input by a hook
+
+    def keep_weights(gate, args):  # a forward pre-hook: returns None, the call goes on unchanged
+        seen[gate] = gate.weights(args[0])
+    hooks = [g.register_forward_pre_hook(keep_weights) for g in gates]
     predict_in_memory(model, {k: v[:rows] for k, v in test_inputs.items()}, batch_size=rows)
-    return [g.weights.mean(0).tolist() for g in gates]
+    for h in hooks:
+        h.remove()
+    return [seen[g].mean(0).tolist() for g in gates]
 
 
 def run_config(args, data, meta, arch, tasks, seed):

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: p
 import common  # noqa: E402
 from common import (correlation, mean_std, non_negative_int, positive_int, pyplot,  # noqa: E402
                     quick_or_results, save_figure, write_json, write_text)
-from stage2_ctr import criteo, synthetic  # noqa: E402
+from stage2_ctr import synthetic, train_stats  # noqa: E402
 from stage2_ctr.models import criteo_schema  # noqa: E402
 from stage2_ctr.models.mtl import CTRMultiTask, build_mtl, n_params, width_for_budget  # noqa: E402
 from stage2_ctr.training import CTRInputs, auc_per_task, bce, fit  # noqa: E402
@@ -92,7 +92,7 @@ def ensure_data(args, corr):
 
 
 def load_split_set(args, folder):
-    stats = criteo.fit_stats([folder / "train.txt"], n_labels=2)
+    stats = train_stats.fit_stats([folder / "train.txt"], n_labels=2)
     data = {s: load_criteo(folder / f"{s}.txt", 2, args.hash_bits, stats)
             for s in ["train", "val", "test"]}
     meta = json.loads((folder / "meta.json").read_text())

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: p
 import common  # noqa: E402
 from common import (binary_metrics, checked, mean_std, pyplot, quick_or_results,  # noqa: E402
                     save_figure, write_json, write_text)
-from stage2_ctr import criteo, synthetic  # noqa: E402
+from stage2_ctr import synthetic, train_stats  # noqa: E402
 from stage2_ctr.models import build_model, criteo_schema  # noqa: E402
 from stage2_ctr.training import CTRInputs, fit, predict_in_memory  # noqa: E402
 from stage3_advanced.stage3_common import (ADULT_NPZ, HERE, AdultMultiTask,  # noqa: E402
@@ -119,7 +119,7 @@ def load_dataset(args, name):
                      f"01_make_subset.py --synthetic {args.rows} --ctr {args.ctr} --out-dir "
                      f"{folder}` first (or add --make-data)")
         synthetic.make_synthetic(synthetic.SyntheticConfig(rows=args.rows, ctr=args.ctr), folder)
-    stats = criteo.fit_stats([folder / "train.txt"])
+    stats = train_stats.fit_stats([folder / "train.txt"])
     data = {s: load_criteo(folder / f"{s}.txt", 1, 18, stats) for s in ["train", "val", "test"]}
     oracle_auc = json.loads((folder / "meta.json").read_text())["splits"]["test"]["oracle_auc"]
     return data, oracle_auc[0], lambda: CTRInputs(build_model("dnn", criteo_schema(18),

@@ -2,13 +2,13 @@
 
 What you learn here: which input path keeps a GPU busy. A GPU trains a DeepFM at millions of
 samples/s; a text parser delivers ~0.3M rows/s per core, the binary cache a few million rows/s
-per core, and a training set resident in GPU memory (criteo.Preloaded) needs no input path at
+per core, and a training set resident in GPU memory (binary_cache.Preloaded) needs no input path at
 all. The script times DeepFM, DNN and DCN-v2 fed by (a) the text loader with N worker processes,
 (b) the binary cache read in the training process, (c) rows already in device memory, in fp32
 and with bf16 autocast, at batch 4k-64k; then a dense vs a sparse embedding table, torch.compile
 on vs off, and Stage 1's DataLoader lesson (per-sample DataLoader vs slicing) on the device.
 
-Read with it: stage3_advanced/throughput.py (each measurement), criteo.Preloaded.
+Read with it: stage3_advanced/throughput.py (each measurement), binary_cache.Preloaded.
 Run:    python stage3_advanced/07_gpu.py                      # on a CUDA machine: < 8 min on an
                                                               # H100/H200 with 16 cores
         python stage3_advanced/07_gpu.py --device cpu --quick # the same code path, on the CPU
@@ -32,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from envs import check_env  # noqa: E402
 from stage1_adult import mtml  # noqa: E402
-from stage2_ctr import criteo  # noqa: E402
+from stage2_ctr import binary_cache  # noqa: E402
 from stage3_advanced import throughput as tp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -94,7 +94,7 @@ def data(args, device):
     t0 = time.perf_counter()
     path, _ = tp.ensure_big_file(args.data_root, args.rows, workers=os.cpu_count())
     cache, _ = tp.ensure_binary_cache(path, workers=min(16, os.cpu_count() or 2))
-    resident = criteo.read_all(cache)
+    resident = binary_cache.read_all(cache)
     n_host = min(len(resident[0]), args.train_rows + 4 * max(args.batch_sizes))
     host = [t[:n_host].long() if t.dtype == torch.int32 else t[:n_host] for t in resident]
     host[2] = host[2][:, 0]

@@ -76,7 +76,7 @@ class AdultEncoder(nn.Module):
         n_num = len(meta["numeric_columns"])
         self.out_dim = len(cards) * dim + 2 * n_num
 
-    def forward(self, x):
+    def forward(self, x):  # dict of (B, ...) Adult inputs -> (B, d)
         idx = torch.cat([x["x_cat"], x["x_bin"], x["x_tok"]], dim=1) + self.offsets
         return torch.cat([self.table(idx).flatten(1), x["x_binfrac"], x["x_num"]], dim=1)
 
@@ -89,7 +89,7 @@ class AdultMultiTask(nn.Module):
         self.encoder = AdultEncoder(meta, emb_dim)
         self.block = build_mtl(block_name, self.encoder.out_dim, n_tasks, **block_kw)
 
-    def forward(self, x):
+    def forward(self, x):  # dict of (B, ...) Adult inputs -> (B, T)
         return self.block(self.encoder(x))
 
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from stage2_ctr import criteo
+from stage2_ctr import binary_cache, criteo
 from stage2_ctr.models import build_model, criteo_schema
 from stage2_ctr.models.mtl import n_params
 from stage2_ctr.training import autocast_for, make_optimizers, make_step
@@ -91,7 +91,7 @@ def ensure_binary_cache(path, workers=2):
         return folder, None
     print(f"caching {path} as fixed-width binary records in {folder} (once)")
     t0 = time.perf_counter()
-    criteo.write_cache([path], folder, workers=workers)
+    binary_cache.write_cache([path], folder, workers=workers)
     return folder, time.perf_counter() - t0
 
 
@@ -99,7 +99,7 @@ def binary_only(folder, batch_size=4096):
     """One full pass over the binary cache in this process: rows/s."""
     rows, t0 = 0, time.perf_counter()
     with tqdm(unit=" rows", unit_scale=True, desc="binary cache") as bar:
-        for dense, _, _ in criteo.BinaryStream(folder, batch_size):
+        for dense, _, _ in binary_cache.BinaryStream(folder, batch_size):
             rows += len(dense)
             bar.update(len(dense))
     seconds = time.perf_counter() - t0
@@ -154,7 +154,7 @@ def time_training(step, batches, n_steps, device, warmup=2):
 def train_measure(m, model_name, batch, source, device, path=None, mem=None, cache=None):
     """Samples/s of one model at one batch size. source: 'memory' (slices of the preloaded
     host tensors `mem`, copied to the device batch by batch), 'device' (the same rows resident
-    in device memory: criteo.Preloaded), 'loader-N' (the text loader over `path` with N worker
+    in device memory: binary_cache.Preloaded), 'loader-N' (the text loader over `path` with N worker
     processes) or 'binary' (the binary cache folder `cache`, read in this process)."""
     it = None
     if source.startswith("loader"):
@@ -182,7 +182,7 @@ def train_measure(m, model_name, batch, source, device, path=None, mem=None, cac
         speed = time_training(step, batches, n_steps, device)
         del rows
     elif source == "binary":  # a slice per batch, nothing to parse
-        speed = time_training(step, criteo.BinaryStream(cache, batch), n_steps, device)
+        speed = time_training(step, binary_cache.BinaryStream(cache, batch), n_steps, device)
     else:
         speed = time_training(step, criteo.iter_batches(it, batch), n_steps, device)
         extra["peak_rss_worker_mb"] = worker_peak_mb(it)

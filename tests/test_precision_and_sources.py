@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import load_script
 
-from stage2_ctr import criteo, train_ctr, training
+from stage2_ctr import binary_cache, criteo, train_ctr, train_stats, training
 from stage2_ctr.models import build_model, criteo_schema
 
 make = load_script("stage2_ctr/01_make_subset.py")
@@ -17,8 +17,8 @@ make = load_script("stage2_ctr/01_make_subset.py")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("src") / "set"
     make.main(["--synthetic", "5000", "--out-dir", str(out), "--workers", "1"])
-    criteo.write_cache([out / "train.txt"], out / "train.bin", hash_bits=12, workers=0,
-                       progress=False)
+    binary_cache.write_cache([out / "train.txt"], out / "train.bin", hash_bits=12, workers=0,
+                             progress=False)
     return out
 
 
@@ -38,7 +38,7 @@ def test_the_sync_free_loop_makes_the_same_update_as_a_per_step_loss_item_loop(d
     torch.manual_seed(0)
     model = build_model("deepfm", criteo_schema(12), emb_dim=4, mlp=(16,), sparse=True)
     opts = training.make_optimizers(model, 1e-3)
-    stats = criteo.load_stats(str(data / "train.txt") + ".stats.json")
+    stats = train_stats.load_stats(str(data / "train.txt") + ".stats.json")
     losses = []
     for i, (dense, sparse, label) in enumerate(criteo.CriteoStream([data / "train.txt"], 256, 12,
                                                                    stats)):
@@ -57,15 +57,15 @@ def test_the_sync_free_loop_makes_the_same_update_as_a_per_step_loss_item_loop(d
 
 def test_cache_and_device_resident_data_give_the_text_loaders_batches(data):
     text = list(criteo.CriteoStream([data / "train.txt"], 256, 12))  # the cache has no stats
-    cache = list(criteo.BinaryStream(data / "train.bin", 256))
-    resident = list(criteo.Preloaded(criteo.read_all(data / "train.bin"), 256, "cpu"))
-    from_text = list(criteo.Preloaded(criteo.read_all([data / "train.txt"], 12), 256, "cpu"))
+    cache = list(binary_cache.BinaryStream(data / "train.bin", 256))
+    resident = list(binary_cache.Preloaded(binary_cache.read_all(data / "train.bin"), 256, "cpu"))
+    from_text = list(binary_cache.Preloaded(binary_cache.read_all([data / "train.txt"], 12), 256, "cpu"))
     assert len(text) == len(cache) == len(resident) == len(from_text)
     for batches in (cache, resident, from_text):
         for a, b in zip(text, batches):
             for x, y in zip(a, b):
                 assert torch.equal(x, y)
-    shuffled = criteo.Preloaded(criteo.read_all(data / "train.bin"), 256, "cpu", shuffle=True)
+    shuffled = binary_cache.Preloaded(binary_cache.read_all(data / "train.bin"), 256, "cpu", shuffle=True)
     first, again = list(shuffled), list(shuffled)
     assert torch.equal(first[0][1], again[0][1])  # same seed and epoch: same order
     shuffled.set_epoch(1)

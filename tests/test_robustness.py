@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT, load_script
 
 from stage1_adult import adult_data
-from stage2_ctr import criteo, dataset_files, train_ctr
+from stage2_ctr import binary_cache, criteo, dataset_files, train_ctr, train_stats
 
 make = load_script("stage2_ctr/01_make_subset.py")
 loader_chapter = load_script("stage2_ctr/02_dataloader.py")
@@ -89,7 +89,7 @@ def test_integers_of_more_than_18_digits_are_bad_rows_never_inf(tmp_path, data):
     assert counts["bad_rows"] == 2 and counts["rows"] == 498
     assert counts["first_bad"][0].startswith("line 8: an integer field does not parse")
     assert torch.isfinite(dense).all()
-    stats = criteo.fit_stats([tmp_path / "big.txt"])
+    stats = train_stats.fit_stats([tmp_path / "big.txt"])
     assert np.isfinite(stats["mean"]).all() and np.isfinite(stats["std"]).all()
 
 
@@ -185,10 +185,10 @@ def test_stale_statistics_are_refitted_or_refused(tmp_path):
     msg = one_line_exit(train_ctr.main, train_argv(d, tmp_path, "--stats", str(kept)))
     assert "old.stats.json: fitted on" in msg
     folder = tmp_path / "c.bin"
-    criteo.write_cache([d / "val.txt"], folder, workers=0, progress=False)
+    binary_cache.write_cache([d / "val.txt"], folder, workers=0, progress=False)
     (d / "val.txt").write_text((d / "val.txt").read_text() * 2)
     with pytest.raises(criteo.CriteoFormatError, match="has changed since: rebuild"):
-        criteo.BinaryStream(folder, 64)
+        binary_cache.BinaryStream(folder, 64)
 
 
 # ------------------------------------------------------------ 6. bad rows reach metrics.json

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-from stage2_ctr import criteo, dataset_files, synthetic
+from stage2_ctr import binary_cache, criteo, dataset_files, synthetic, train_stats
 
 make = load_script("stage2_ctr/01_make_subset.py")
 
@@ -40,8 +40,8 @@ def test_round_trip_parses_back_the_generators_values():
     c = gen.chunk(0, 3000)
     c["dense"][::7, 4] = np.arange(0, 3000, 7) * 33_333_333  # up to 11 digits
     c["dense"][::11, 5] = -np.arange(0, 3000, 11) % 1000      # negatives, as for I2
-    data = dataset_files.format_rows(c["labels"], c["dense"], c["dense_missing"], c["hex_words"],
-                            c["ranks"] < 0)
+    data = dataset_files.format_rows(c["labels"], c["dense"], c["dense_missing"],
+                                     c["hex_words"], c["ranks"] < 0)
     p = parse_bytes(data)
     assert p["n_bad"] == 0 and len(p["hashes"]) == 3000
     assert (p["label"][:, 0] == c["labels"][:, 0]).all()
@@ -244,7 +244,7 @@ def test_make_subset_without_input_says_what_to_download(capsys):
 
 def test_fit_stats_standardizes_and_collisions_are_reported(synth):
     out, _ = synth
-    stats = criteo.fit_stats([out / "train.txt"])
+    stats = train_stats.fit_stats([out / "train.txt"])
     dense = read_all([out / "train.txt"], dense_stats=stats, missing_indicator=True)[0]
     assert dense.shape[1] == 26
     for j in range(13):
@@ -252,10 +252,10 @@ def test_fit_stats_standardizes_and_collisions_are_reported(synth):
         assert abs(dense[present, j].mean().item()) < 1e-3
         assert abs(dense[present, j].std().item() - 1) < 1e-2
         assert (dense[~present, j] == 0).all()
-    report = criteo.collision_report([out / "train.txt"], hash_bits=8)
+    report = train_stats.collision_report([out / "train.txt"], hash_bits=8)
     assert report["distinct_buckets"] <= 256 < report["distinct_values"]
     assert 0 < report["values_sharing_a_bucket"] < 1
-    big = criteo.collision_report([out / "train.txt"], hash_bits=30)
+    big = train_stats.collision_report([out / "train.txt"], hash_bits=30)
     assert big["values_sharing_a_bucket"] < 0.001
 
 
@@ -276,7 +276,7 @@ def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):
     meta = cache.main([str(out / "train.txt"), "--out", str(folder), "--workers", "0"])
     dense, sparse, label, _ = read_all([out / "train.txt"])
     assert meta["rows"] == len(label) and not list(tmp_path.glob("*.tmp"))
-    batches = list(criteo.BinaryStream(folder, 512))
+    batches = list(binary_cache.BinaryStream(folder, 512))
     assert len(batches[0][0]) == 512 and batches[0][1].dtype == torch.int64
     b_dense, b_sparse, b_label = (torch.cat(x) for x in zip(*batches))
     assert torch.equal(b_dense, dense) and torch.equal(b_sparse, sparse)
@@ -286,12 +286,12 @@ def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):
 def test_binary_cache_workers_share_the_batches_and_shuffle_keeps_every_row(synth, tmp_path):
     out, _ = synth
     folder = tmp_path / "train.bin"
-    criteo.write_cache([out / "train.txt"], folder, workers=2, progress=False)
-    whole = torch.cat([s for _, s, _ in criteo.BinaryStream(folder, 300)])
-    dl = torch.utils.data.DataLoader(criteo.BinaryStream(folder, 300, group=2), batch_size=None,
+    binary_cache.write_cache([out / "train.txt"], folder, workers=2, progress=False)
+    whole = torch.cat([s for _, s, _ in binary_cache.BinaryStream(folder, 300)])
+    dl = torch.utils.data.DataLoader(binary_cache.BinaryStream(folder, 300, group=2), batch_size=None,
                                      num_workers=2)
     shared = torch.cat([s for _, s, _ in dl])
-    shuffled = criteo.BinaryStream(folder, 300, shuffle=True, group=1)
+    shuffled = binary_cache.BinaryStream(folder, 300, shuffle=True, group=1)
     shuffled.set_epoch(1)
     mixed = torch.cat([s for _, s, _ in shuffled])
     key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
@@ -303,11 +303,11 @@ def test_binary_cache_bad_input_is_one_line(tmp_path, synth):
     with pytest.raises(SystemExit, match="not a binary cache"):
         cache.main(["--read", str(tmp_path / "nothing")])
     folder = tmp_path / "c.bin"
-    criteo.write_cache([synth[0] / "val.txt"], folder, workers=0, progress=False)
+    binary_cache.write_cache([synth[0] / "val.txt"], folder, workers=0, progress=False)
     with open(folder / "sparse.bin", "r+b") as f:  # a cut-off file
         f.truncate(100)
     with pytest.raises(ValueError, match="sparse.bin: expected"):
-        criteo.BinaryStream(folder, 64)
+        binary_cache.BinaryStream(folder, 64)
     with pytest.raises(SystemExit):
         cache.parse_args(["x.txt", "--out", "y", "--hash-bits", "32"])
     with pytest.raises(SystemExit, match="no such statistics file"):

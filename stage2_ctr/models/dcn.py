@@ -17,6 +17,6 @@ class DCN(nn.Module):
         self.mlp = MLP(dim, mlp, dropout, out_dim=None)
         self.head = nn.Linear(dim + self.mlp.out_dim, 1)
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse) -> logits (B,)
         x0 = self.embedding(dense, sparse).flatten(1)
         return self.head(torch.cat([self.cross(x0), self.mlp(x0)], dim=1)).squeeze(-1)

@@ -12,7 +12,7 @@ class DeepFM(nn.Module):
         self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
         self.mlp = MLP(schema.n_fields * emb_dim, mlp, dropout)
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse) -> logits (B,)
         emb = self.embedding(dense, sparse)
         return (self.linear(dense, sparse) + fm_interaction(emb)
                 + self.mlp(emb.flatten(1)).squeeze(-1))

@@ -11,5 +11,5 @@ class DNN(nn.Module):
         self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
         self.mlp = MLP(schema.n_fields * emb_dim, mlp, dropout)
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse) -> logits (B,)
         return self.mlp(self.embedding(dense, sparse).flatten(1)).squeeze(-1)

@@ -11,5 +11,5 @@ class FM(nn.Module):
         self.linear = FeatureLinear(schema, sparse)
         self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse) -> logits (B,)
         return self.linear(dense, sparse) + fm_interaction(self.embedding(dense, sparse))

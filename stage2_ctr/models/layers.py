@@ -77,7 +77,7 @@ class FeatureEmbedding(nn.Module):
         if schema.n_dense:
             nn.init.normal_(self.dense_vectors, std=0.01)
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse + bag slots) -> (B, F, k)
         s = self.schema
         parts = [dense.unsqueeze(-1) * self.dense_vectors, self.table(sparse[:, :s.n_sparse])]
         if s.bags:
@@ -101,7 +101,7 @@ class FeatureLinear(nn.Module):
         else:
             self.bias = nn.Parameter(torch.zeros(1))
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse + bag slots) -> (B,)
         s = self.schema
         out = self.weight(sparse[:, :s.n_sparse]).sum(dim=(1, 2))
         out = out + (self.dense(dense).squeeze(-1) if s.n_dense else self.bias)
@@ -137,7 +137,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
         self.out_dim = out_dim if out_dim is not None else in_dim
 
-    def forward(self, x):
+    def forward(self, x):  # (B, in_dim) -> (B, out_dim)
         return self.net(x)
 
 
@@ -151,7 +151,7 @@ class CrossLayerV1(nn.Module):
         self.w = nn.Parameter(torch.randn(dim) * 0.01)
         self.b = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x0, x):
+    def forward(self, x0, x):  # (B, d), (B, d) -> (B, d)
         return x0 * (x @ self.w).unsqueeze(-1) + self.b + x
 
 
@@ -165,7 +165,7 @@ class CrossLayerV2(nn.Module):
         nn.init.normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, x0, x):
+    def forward(self, x0, x):  # (B, d), (B, d) -> (B, d)
         return x0 * self.linear(x) + x
 
 
@@ -177,7 +177,7 @@ class CrossNetwork(nn.Module):
         layer = {1: CrossLayerV1, 2: CrossLayerV2}[version]
         self.layers = nn.ModuleList(layer(dim) for _ in range(n_layers))
 
-    def forward(self, x0):
+    def forward(self, x0):  # (B, d) -> (B, d)
         x = x0
         for layer in self.layers:
             x = layer(x0, x)
@@ -198,25 +198,25 @@ class Experts(nn.Module):
                                   for _ in range(n))
         self.out_dim = hidden[-1]
 
-    def forward(self, x):
+    def forward(self, x):  # (B, d) -> (B, n, d_e)
         return torch.stack([net(x) for net in self.nets], dim=1)
 
 
 class Gate(nn.Module):
     """Softmax gate over n experts (MMoE, Ma et al. 2018):
         g(x) = softmax(W_g x)  in R^n,  sum_i g_i = 1,   out = sum_i g_i(x) * E_i(x).
-    Each task has its own gate, so two tasks can weight the same experts differently; the last
-    gate weights are kept in .weights (detached) to watch for collapse onto one expert."""
+    Each task has its own gate, so two tasks can weight the same experts differently;
+    weights(x) gives g(x) itself, to watch for a collapse onto one expert."""
 
     def __init__(self, in_dim, n_experts):
         super().__init__()
         self.linear = nn.Linear(in_dim, n_experts)
-        self.weights = None
+
+    def weights(self, x):  # (B, d) -> (B, n), rows summing to 1
+        return torch.softmax(self.linear(x), dim=-1)
 
     def forward(self, x, experts):  # x (B, d), experts (B, n, d_e) -> (B, d_e)
-        g = torch.softmax(self.linear(x), dim=-1)
-        self.weights = g.detach()
-        return torch.einsum("bn,bnd->bd", g, experts)
+        return torch.einsum("bn,bnd->bd", self.weights(x), experts)
 
 
 class Towers(nn.Module):
@@ -227,5 +227,5 @@ class Towers(nn.Module):
         self.nets = nn.ModuleList(MLP(in_dim, hidden, dropout, batch_norm, out_dim=1)
                                   for _ in range(n_tasks))
 
-    def forward(self, inputs):
+    def forward(self, inputs):  # T x (B, d) -> (B, T)
         return torch.cat([net(x) for net, x in zip(self.nets, inputs)], dim=1)

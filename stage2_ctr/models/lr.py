@@ -10,5 +10,5 @@ class LR(nn.Module):
         super().__init__()
         self.linear = FeatureLinear(schema, sparse)
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse) -> logits (B,)
         return self.linear(dense, sparse)

@@ -18,7 +18,7 @@ class SharedBottom(nn.Module):
         self.towers = Towers(n_tasks, self.bottom.out_dim, tower, dropout, batch_norm)
         self.n_tasks = n_tasks
 
-    def forward(self, x):
+    def forward(self, x):  # (B, d) -> (B, T)
         h = self.bottom(x)
         return self.towers([h] * self.n_tasks)
 
@@ -37,7 +37,7 @@ class MMoE(nn.Module):
         self.towers = Towers(n_tasks, self.experts.out_dim, tower, dropout, batch_norm)
         self.n_tasks = n_tasks
 
-    def forward(self, x):
+    def forward(self, x):  # (B, d) -> (B, T)
         e = self.experts(x)
         mixed = [gate(x, e) for gate in self.gates]
         if len(mixed) == 1:  # OMoE
@@ -62,7 +62,7 @@ class ExtractionLayer(nn.Module):
         self.shared_gate = None if last else Gate(in_dim, n_tasks * n_specific + n_shared)
         self.out_dim = expert[-1]
 
-    def forward(self, task_inputs, shared_input):
+    def forward(self, task_inputs, shared_input):  # T x (B, d), (B, d) -> T x (B, d_e), (B, d_e)
         own = [experts(x) for experts, x in zip(self.specific, task_inputs)]
         common = [self.shared(shared_input)] if self.shared is not None else []
         outs = [gate(x, torch.cat([e] + common, dim=1))
@@ -86,7 +86,7 @@ class PLE(nn.Module):
         self.towers = Towers(n_tasks, expert[-1], tower, dropout, batch_norm)
         self.n_tasks = n_tasks
 
-    def forward(self, x):
+    def forward(self, x):  # (B, d) -> (B, T)
         task_inputs, shared = [x] * self.n_tasks, x
         for level in self.levels:
             task_inputs, shared = level(task_inputs, shared)
@@ -138,5 +138,5 @@ class CTRMultiTask(nn.Module):
         self.embedding = FeatureEmbedding(schema, emb_dim, sparse)
         self.block = build_mtl(block_name, schema.n_fields * emb_dim, n_tasks, **block_kw)
 
-    def forward(self, dense, sparse):
+    def forward(self, dense, sparse):  # (B, n_dense), (B, n_sparse) -> (B, T)
         return self.block(self.embedding(dense, sparse).flatten(1))

@@ -14,8 +14,8 @@ the ~26k ids, every step) and works through sparse-tensor ops. RowSparseAdam sum
 without sorting (a scratch array with one slot per table row remembers where each id went, see
 `distinct_rows`) and then reads and writes the (U, k) blocks of the U distinct rows with
 index_select / index_copy_: same numbers (tests/test_stage2_models.py checks it against
-SparseAdam); with fused Adam for the MLP, the whole DeepFM step at batch 1024 runs ~30% faster
-(stage2_ctr/06_bench_throughput.py, results/stage2_throughput.md).
+SparseAdam); what it buys a whole DeepFM step is measured by stage2_ctr/06_bench_throughput.py
+(results/stage2_throughput.md).
 """
 import math
 

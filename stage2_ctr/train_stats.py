@@ -1,0 +1,159 @@
+"""What is fitted on the train split, and tied to it: the dense statistics, the bucket counts
+behind the frequency threshold (RareFilter), the hash collisions, and the file fingerprints that
+tell a statistic fitted on today's train file from a stale one. Read it with
+stage2_ctr/02_dataloader.py (--fit-stats, --report-collisions) and the trainer (--min-count).
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stage2_ctr.criteo import (N_DENSE, N_SPARSE, CriteoFormatError, bucket_of, check_path,
+                               check_paths, hash_strings, iter_blocks, open_binary, parse_block)
+
+
+# ------------------------------------------------------------------------------ fingerprints
+def fingerprint(path):
+    """What identifies a file's content cheaply: its size and the md5 of its first and last
+    MiB (a regenerated or appended file changes one of them; reading 2 MiB takes a moment)."""
+    size = os.path.getsize(path)
+    h = hashlib.md5()
+    with open_binary(path) as f:
+        h.update(f.read(1 << 20))
+        if size > 1 << 20:
+            f.seek(max(size - (1 << 20), 1 << 20))
+            h.update(f.read())
+    return {"path": str(path), "size": size, "md5_head_tail": h.hexdigest()}
+
+
+def fit_stats(paths, max_rows=2_000_000, n_labels=1, chunk_bytes=8 << 20):
+    """One pass over (the first max_rows of) train: mean/std of log1p(max(x, 0)) per dense
+    column over the non-missing values, plus each column's missing rate. Records the
+    fingerprint of every file it read, so stale statistics can be told apart (load_stats)."""
+    s1, s2 = np.zeros(N_DENSE), np.zeros(N_DENSE)
+    count, missing, rows = np.zeros(N_DENSE), np.zeros(N_DENSE), 0
+    paths = check_paths(paths)
+    for path in paths:
+        if rows >= max_rows:
+            break
+        for _, _, raw in iter_blocks(path, chunk_bytes):
+            p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
+            x = p["dense_raw"][: max_rows - rows]
+            present = ~np.isnan(x)
+            v = np.where(present, np.log1p(np.maximum(np.nan_to_num(x), 0)), 0.0)
+            s1, s2 = s1 + v.sum(0), s2 + (v * v).sum(0)
+            count, missing = count + present.sum(0), missing + (~present).sum(0)
+            rows += len(x)
+            if rows >= max_rows:
+                break
+    if rows == 0:
+        raise CriteoFormatError(f"{paths[0]}: no data rows (blank or malformed lines only); "
+                                "nothing to fit statistics on")
+    mean = s1 / np.maximum(count, 1)
+    std = np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean ** 2, 0)) + 1e-6
+    return {"rows": rows, "transform": "log1p(max(x, 0))", "mean": mean.tolist(),
+            "std": std.tolist(), "missing_rate": (missing / max(rows, 1)).tolist(),
+            "files": [str(p) for p in paths], "n_labels": n_labels,
+            "sources": [fingerprint(p) for p in paths]}
+
+
+def load_stats(path, train_files=None):
+    """Dense statistics from a fit_stats JSON, checked: 13 finite means and positive stds. With
+    train_files, also that they were fitted on exactly these files as they are now (size and
+    head/tail checksum); StaleStats when not."""
+    path = Path(path)
+    try:
+        stats = json.loads(path.read_text())
+        mean, std = np.asarray(stats["mean"], float), np.asarray(stats["std"], float)
+        ok = mean.shape == std.shape == (N_DENSE,) and np.isfinite(mean).all() and \
+            np.isfinite(std).all() and (std > 0).all()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CriteoFormatError(f"{path}: not a statistics file of 02_dataloader.py --fit-stats "
+                                f"({type(e).__name__}: {e}); delete it and fit again") from None
+    if not ok:
+        raise CriteoFormatError(f"{path}: needs 13 finite means and positive stds; delete it "
+                                "and fit again with 02_dataloader.py --fit-stats")
+    if train_files is not None:
+        now = [fingerprint(p) for p in check_paths(train_files)]
+        before = stats.get("sources")
+        if before is None or [(s["size"], s["md5_head_tail"]) for s in before] != \
+                [(s["size"], s["md5_head_tail"]) for s in now]:
+            was = ("no record of the files it was fitted on" if before is None else
+                   f"fitted on {', '.join(s['path'] for s in before)} as they were then "
+                   f"({', '.join(str(s['size']) for s in before)} bytes)")
+            files_now = ", ".join(f"{s['path']} ({s['size']} bytes)" for s in now)
+            raise StaleStats(f"{path}: {was}; the train file(s) now: {files_now}")
+    return stats
+
+
+class StaleStats(CriteoFormatError):
+    """Statistics fitted on other data than the train file(s) now on disk."""
+
+
+# --------------------------------------------------------------- rare values -> one bucket
+RARE_VALUE = "\x00rare"  # what a value seen fewer than min_count times is hashed as instead
+
+
+def count_buckets(paths, hash_bits, n_labels=1, chunk_bytes=8 << 20):
+    """How many rows of the files use each bucket of the shared table (int64, 2^hash_bits):
+    the counts behind a frequency threshold. Counted per bucket, not per value: two values
+    that share a bucket (a collision) count together."""
+    counts = np.zeros(1 << hash_bits, np.int64)
+    for path in check_paths(paths):
+        for _, _, raw in iter_blocks(path, chunk_bytes):
+            p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
+            counts += np.bincount(bucket_of(p["hashes"], hash_bits).ravel(),
+                                  minlength=1 << hash_bits)
+    return counts
+
+
+class RareFilter:
+    """Values seen fewer than min_count times in the training file(s) go to their field's
+    "rare" bucket (the hash of RARE_VALUE in that field), as industrial pipelines do (BARS's
+    Criteo_x4_001 maps values seen < 10 times to OOV): one well-estimated embedding per field
+    for the long tail, instead of thousands of rows each seen a few times, which are noise in
+    every model and worse than noise in the FM term, where each enters every pair."""
+
+    def __init__(self, counts, min_count, hash_bits):
+        self.keep = counts >= min_count
+        self.rare = np.array([bucket_of(hash_strings(f, [RARE_VALUE]), hash_bits)[0]
+                              for f in range(N_SPARSE)], np.int64)
+        self.min_count = min_count
+        self._torch = None  # the same tables as tensors, made on first use per device
+
+    def __call__(self, sparse):
+        """Filtered ids: numpy in, numpy out; a torch tensor in, a tensor out (same device)."""
+        if isinstance(sparse, np.ndarray):
+            return np.where(self.keep[sparse], sparse, self.rare)
+        if self._torch is None or self._torch[0].device != sparse.device:
+            self._torch = (torch.from_numpy(self.keep).to(sparse.device),
+                           torch.from_numpy(self.rare).to(sparse.device, sparse.dtype))
+        keep, rare = self._torch
+        return torch.where(keep[sparse], sparse, rare)
+
+    def share_kept(self, counts):
+        """The share of (row, field) values that keep their own bucket."""
+        return float(counts[self.keep].sum() / max(counts.sum(), 1))
+
+
+def collision_report(paths, hash_bits, n_labels=1, max_rows=None):
+    """Distinct (field, value) pairs vs distinct buckets they land in. The 64-bit hash stands in
+    for the value (two different values sharing all 64 bits is vanishingly unlikely)."""
+    uniques, rows = [], 0
+    for path in paths:
+        for _, _, raw in iter_blocks(check_path(path), 8 << 20):
+            p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
+            uniques.append(np.unique(p["hashes"]))
+            rows += len(p["hashes"])
+            if len(uniques) > 16:
+                uniques = [np.unique(np.concatenate(uniques))]
+            if max_rows and rows >= max_rows:
+                break
+    values = np.unique(np.concatenate(uniques))
+    buckets = np.unique(bucket_of(values, hash_bits))
+    return {"rows": rows, "hash_bits": hash_bits, "distinct_values": int(len(values)),
+            "distinct_buckets": int(len(buckets)),
+            "values_sharing_a_bucket": float(1 - len(buckets) / max(len(values), 1))}
