@@ -31,22 +31,19 @@ class OutputError(OSError):
     where a folder belongs): the message is one line naming the path and what to do."""
 
 
+_IN_THE_WAY = "a file stands where a folder of this path belongs; remove it or choose another path"
+_READ_ONLY = "not writable (read-only or no permission); choose a writable folder"
+_FULL = "the disk is full; free some space or write elsewhere"
+WHY_NOT_WRITTEN = {errno.EEXIST: _IN_THE_WAY, errno.ENOTDIR: _IN_THE_WAY, errno.EACCES: _READ_ONLY,
+                   errno.EPERM: _READ_ONLY, errno.EROFS: _READ_ONLY, errno.ENOSPC: _FULL,
+                   errno.EDQUOT: _FULL, errno.ENAMETOOLONG: "a name on this path is longer than "
+                   "the file system allows (255 bytes); choose a shorter one",
+                   errno.EISDIR: "a folder stands where this file belongs; choose another path"}
+
+
 def output_problem(path, e):
-    """One line for an OSError met while writing `path`."""
-    if isinstance(e, (FileExistsError, NotADirectoryError)) or e.errno in (errno.EEXIST,
-                                                                         errno.ENOTDIR):
-        why = "a file stands where a folder of this path belongs; remove it or choose another path"
-    elif e.errno == errno.ENAMETOOLONG:
-        why = ("a name on this path is longer than the file system allows (255 bytes); choose "
-               "a shorter one")
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "not writable (read-only or no permission); choose a writable folder"
-    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
-        why = "the disk is full; free some space or write elsewhere"
-    elif e.errno == errno.EISDIR:
-        why = "a folder stands where this file belongs; remove it or choose another path"
-    else:
-        why = f"{e.strerror or e}"
+    """The OutputError (one line) for an OSError met while writing `path`."""
+    why = WHY_NOT_WRITTEN.get(e.errno, e.strerror or e)
     return OutputError(f"{path}: cannot write here: {why}")
 
 
@@ -63,8 +60,6 @@ def atomic_write(path, write_fn):
         write_fn(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
-    except OutputError:
-        raise
     except OSError as e:
         raise output_problem(path, e) from None
     finally:
@@ -99,8 +94,8 @@ def one_line_errors(*kinds):
             except (OutputError, *kinds) as e:
                 sys.exit(f"error: {e}")
             except KeyboardInterrupt:
-                sys.exit("error: interrupted (Ctrl-C); the files written so far are complete "
-                         "(atomic writes), nothing else was written")
+                sys.exit("error: interrupted (Ctrl-C); every file is whole or absent (atomic "
+                         "writes)")
         return run
     return wrap
 
@@ -344,16 +339,17 @@ def synchronize(device):
 
 
 # ----------------------------------------------------------------------------- argparse types
-def checked(kind, ok, rule):
-    """An argparse type: kind(text), rejected with `must be <rule>` unless ok(value)."""
+def checked(kind, ok, rule, many=False):
+    """An argparse type: kind(text), rejected with `must be <rule>` unless ok(value). many: a
+    comma-separated list of at least one such value ('--seeds ,' and '--ks 0' are errors)."""
     def parse(text):
         try:
-            value = kind(text)
+            values = [kind(x) for x in text.split(",") if x.strip()] if many else [kind(text)]
         except ValueError:
+            values = []
+        if not values or not all(ok(v) for v in values):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
-        return value
+        return values if many else values[0]
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
@@ -396,29 +392,14 @@ def float_list(text):
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}")
 
 
-def checked_list(kind, ok, rule):
-    """An argparse type for a comma-separated list: at least one value, each kind(value) and
-    ok(value), else `must be comma-separated <rule>`. '--seeds ,' and '--ks 0' are errors."""
-    def parse(text):
-        try:
-            values = [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            values = None
-        if not values or not all(ok(v) for v in values):
-            raise argparse.ArgumentTypeError(f"must be comma-separated {rule}, got {text!r}")
-        return values
-    parse.__name__ = f"{kind.__name__}_list"
-    return parse
-
-
-positive_int_list = checked_list(int, lambda v: v >= 1, "integers >= 1 (at least one)")
-seed_list = checked_list(int, lambda v: v >= 0, "seeds: integers >= 0 (at least one)")
-positive_float_list = checked_list(float, lambda v: v > 0 and np.isfinite(v),
-                                   "numbers > 0 (at least one)")
-non_negative_float_list = checked_list(float, lambda v: v >= 0 and np.isfinite(v),
-                                       "numbers >= 0 (at least one)")
-probability_list = checked_list(float, lambda v: 0 <= v < 1,
-                                "probabilities in [0, 1) (at least one)")
+positive_int_list = checked(int, lambda v: v >= 1, "comma-separated integers >= 1", True)
+seed_list = checked(int, lambda v: v >= 0, "comma-separated seeds (integers >= 0)", True)
+positive_float_list = checked(float, lambda v: v > 0 and np.isfinite(v),
+                              "comma-separated numbers > 0", True)
+non_negative_float_list = checked(float, lambda v: v >= 0 and np.isfinite(v),
+                                  "comma-separated numbers >= 0", True)
+probability_list = checked(float, lambda v: 0 <= v < 1,
+                           "comma-separated probabilities in [0, 1)", True)
 
 
 def parse_with_quick(parser, argv, quick):

@@ -36,7 +36,7 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from stage2_ctr import gbdt, movielens  # noqa: E402
 from stage2_ctr.models import MODELS, build_model  # noqa: E402
-from stage2_ctr.training import (CTRInputs, TrainError, bce, fit,  # noqa: E402
+from stage2_ctr.training import (CTRInputs, FitError, bce, fit,  # noqa: E402
                                  predict_in_memory)
 
 MLP_MODELS = {"dnn", "deepfm", "dcn", "dcnv2"}
@@ -133,7 +133,7 @@ def train_one(args, name, schema, data, lr, wd, dropout, seed):
     for split in ("val", "test"):
         p = torch.sigmoid(predict_in_memory(model, data[split][0]))[:, 0].numpy()
         if not np.isfinite(p).all():
-            raise TrainError(f"{name} (lr {lr:g}, wd {wd:g}) predicts NaN on {split}: no table "
+            raise FitError(f"{name} (lr {lr:g}, wd {wd:g}) predicts NaN on {split}: no table "
                              "written; lower --lrs")
         out[split] = common.auc_logloss(data[split][1][:, 0].numpy(), p)
     return out
@@ -292,7 +292,7 @@ def plot(args, results, gbdt_result, path):
     common.save_figure(fig, path)
 
 
-@common.one_line_errors(movielens.MovieLensError, gbdt.BaselineError, TrainError)
+@common.one_line_errors(movielens.MovieLensError, gbdt.BaselineError, FitError)
 def main(argv=None):
     args = parse_args(argv)
     common.set_threads(args.threads)

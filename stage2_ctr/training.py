@@ -161,10 +161,23 @@ class CTRInputs(nn.Module):
         return out if out.dim() == 2 else out.unsqueeze(-1)
 
 
+class FitError(ValueError):
+    """An in-memory training run that diverged (a NaN or infinite loss or prediction): the
+    message is one line saying where and what to do."""
+
+
+def to_device(split, device):
+    """(inputs dict, labels) moved to `device` (a no-op for tensors already there)."""
+    inputs, y = split
+    return {k: v.to(device) for k, v in inputs.items()}, y.to(device)
+
+
 def batches(inputs, y, batch_size, generator=None):
-    """Slices of preloaded tensors (shuffled when a generator is given): no per-row Python."""
+    """Slices of preloaded tensors (shuffled when a generator is given): no per-row Python.
+    The order is drawn on the CPU generator, so a run is the same on every device."""
     n = len(y)
-    order = torch.randperm(n, generator=generator) if generator is not None else None
+    order = (torch.randperm(n, generator=generator).to(y.device) if generator is not None
+             else None)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size] if order is not None else slice(start,
                                                                              start + batch_size)
@@ -173,34 +186,47 @@ def batches(inputs, y, batch_size, generator=None):
 
 @torch.no_grad()
 def predict_in_memory(model, inputs, batch_size=16384):
-    """Raw model outputs (B, T) for a whole split."""
+    """Raw model outputs (B, T) for a whole split, on the CPU; each slice of the inputs goes to
+    the model's device (a no-op when it is there already)."""
     model.eval()
+    device = next(model.parameters()).device
     n = len(next(iter(inputs.values())))
-    out = [model({k: v[i:i + batch_size] for k, v in inputs.items()})
+    out = [model({k: v[i:i + batch_size].to(device) for k, v in inputs.items()}).float().cpu()
            for i in range(0, n, batch_size)]
     model.train()
-    return torch.cat(out).float()
+    return torch.cat(out)
 
 
 def auc_per_task(model, split):
     inputs, y = split
     p = torch.sigmoid(predict_in_memory(model, inputs)).numpy()
-    return [float(roc_auc_score(y[:, t].numpy(), p[:, t])) for t in range(y.shape[1])]
+    if not np.isfinite(p).all():
+        raise FitError("the model predicts NaN (the training diverged): no AUC; lower the "
+                         "learning rate (--lr)")
+    y = y.cpu().numpy()
+    return [float(roc_auc_score(y[:, t], p[:, t])) for t in range(y.shape[1])]
 
 
 def fit(model, train, val, loss_fn, lr=1e-3, weight_decay=0.0, batch_size=256, epochs=20,
-        patience=3, seed=0, task_weights=None, desc="train", quiet=False, max_seconds=None):
+        patience=3, seed=0, task_weights=None, desc="train", quiet=False, max_seconds=None,
+        device=None):
     """Minibatch training on in-memory tensors; after each epoch the mean validation AUC over
     tasks decides early stopping, and the best epoch's weights are restored.
-    loss_fn(outputs (B, T), labels (B, T)) -> per-element losses (B, T)."""
+    loss_fn(outputs (B, T), labels (B, T)) -> per-element losses (B, T). device: where the model
+    trains (None: where its parameters are); the model and both splits move there once, before
+    the first epoch, not per batch. A NaN or infinite training loss is a FitError."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    train, val = to_device(train, device), to_device(val, device)
     opts = make_optimizers(model, lr, weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    w = torch.tensor(task_weights if task_weights is not None else [1.0] * train[1].shape[1])
+    w = torch.tensor(task_weights if task_weights is not None else [1.0] * train[1].shape[1],
+                     device=device)
     best, history, samples, t_train = (-1.0, 0, None), [], 0, 0.0
     bar = tqdm(range(epochs), desc=desc, disable=quiet, leave=False)
     for epoch in bar:
         t0, n = time.perf_counter(), 0
-        loss_sum = torch.zeros((), dtype=torch.float64)  # summed as a tensor: no sync per step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no sync per step
         for x, y in batches(*train, batch_size, gen):
             loss = (loss_fn(model(x), y).mean(0) * w).sum()
             for o in opts:
@@ -210,8 +236,11 @@ def fit(model, train, val, loss_fn, lr=1e-3, weight_decay=0.0, batch_size=256, e
                 o.step()
             loss_sum += loss.detach()
             n, samples = n + 1, samples + len(y)
+        loss_sum = loss_sum.item()  # the epoch's one sync (CUDA): inside the timed part
         t_train += time.perf_counter() - t0
-        loss_sum = loss_sum.item()
+        if not np.isfinite(loss_sum):
+            raise FitError(f"{desc}: the training loss is {loss_sum} at epoch {epoch + 1} "
+                             "(diverged): lower the learning rate (--lr)")
         aucs = auc_per_task(model, val)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / n, "val_auc": aucs})
         bar.set_postfix(loss=f"{loss_sum / n:.4f}", val_auc=" ".join(f"{a:.4f}" for a in aucs))

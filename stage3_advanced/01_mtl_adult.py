@@ -9,7 +9,8 @@ with ~28k rows the honest answer may well be "no difference": the table says wha
 Run:    python stage3_advanced/01_mtl_adult.py                 # 5 seeds, ~5 min on 2 CPU cores
         python stage3_advanced/01_mtl_adult.py --quick         # 2 seeds, 6 epochs, ~1 min
 Reads:  stage1_adult/adult_stage1.npz (+ _meta.json) from stage1_adult/02_preprocess.py
-Writes: results/stage3_mtl_adult.md, results/stage3_mtl_adult.png, runs/stage3_mtl_adult.json
+Writes: results/stage3_mtl_adult.md + .png (only the default run: --quick writes to runs/quick/,
+        other flags to runs/partial/, CUDA to *_cuda.md), runs/stage3_mtl_adult.json
 """
 import argparse
 import sys
@@ -21,9 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
 import common  # noqa: E402
 from common import (mean_std, non_negative_int, positive_int, pyplot,  # noqa: E402
-                    quick_or_results, save_figure, write_json, write_text)
+                    save_figure, write_json, write_text)
 from stage2_ctr.models.mtl import build_mtl, n_params, width_for_budget  # noqa: E402
-from stage2_ctr.training import auc_per_task, bce, fit, predict_in_memory  # noqa: E402
+from stage2_ctr.training import (FitError, auc_per_task, bce, fit,  # noqa: E402
+                                 predict_in_memory)
 from stage3_advanced.stage3_common import (ADULT_NPZ, ADULT_TASKS, AdultMultiTask,  # noqa: E402
                                            load_adult, setup)
 
@@ -34,34 +36,37 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--npz", default=str(ADULT_NPZ), help="leak-free npz of stage1 02")
-    p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--bottom-width", type=int, default=256,
-                   help="shared-bottom MLP: [w, w/2]; its parameter count is the budget")
-    p.add_argument("--tower", default="32", help="hidden sizes of each task tower")
+    p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2, 3, 4])
+    p.add_argument("--bottom-width", type=common.checked(int, lambda v: v >= 2, "an integer >= 2"),
+                   default=256, help="shared-bottom MLP: [w, w/2]; its parameter count is the "
+                                     "budget")
+    p.add_argument("--tower", type=common.layer_list, default=(32,),
+                   help="hidden sizes of each task tower")
     p.add_argument("--experts", type=positive_int, default=4, help="MMoE experts")
     p.add_argument("--ple-shared", type=non_negative_int, default=2,
                    help="PLE shared experts")
     p.add_argument("--ple-specific", type=positive_int, default=1, help="PLE experts per task")
-    p.add_argument("--emb-dim", type=int, default=8)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=25)
-    p.add_argument("--patience", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="2 seeds, 6 epochs: a ~1 minute look")
+    p.add_argument("--emb-dim", type=positive_int, default=8)
+    p.add_argument("--dropout", type=common.probability, default=0.2)
+    p.add_argument("--lr", type=common.positive_float, default=2e-3)
+    p.add_argument("--weight-decay", type=common.non_negative_float, default=1e-4)
+    p.add_argument("--batch-size", type=positive_int, default=512)
+    p.add_argument("--epochs", type=positive_int, default=25)
+    p.add_argument("--patience", type=positive_int, default=4)
+    p.add_argument("--device", type=common.device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true",
+                   help="defaults 2 seeds, 6 epochs: a ~1 minute look")
     p.add_argument("--out", default=None,
-                   help="default results/stage3_mtl_adult.md; with --quick runs/quick/ (the "
-                        "committed table stays)")
+                   help="default results/stage3_mtl_adult.md for the default run; --quick: "
+                        "runs/quick/, other flags: runs/partial/ (the committed table stays)")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
-    args = p.parse_args(argv)
-    if args.out is None:
-        args.out = str(quick_or_results(args.quick) / "stage3_mtl_adult.md")
-    if args.quick:
-        args.seeds, args.epochs = "0,1", 6
-    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
-    args.tower_sizes = tuple(int(t) for t in args.tower.split(",") if t)
+    args = common.parse_with_quick(p, argv, dict(seeds=[0, 1], epochs=6))
+    args.device = common.resolve_device(args.device)
+    args.out = str(args.out or common.results_file(argv, args.quick, "stage3_mtl_adult",
+                                                   args.device))
+    args.seed_list, args.tower_sizes = args.seeds, tuple(args.tower)
     return args
 
 
@@ -101,7 +106,8 @@ def run_config(args, data, meta, arch, tasks, seed):
     model = AdultMultiTask(meta, arch, len(tasks), args.emb_dim, **kw)
     info = fit(model, split["train"], split["val"], bce, lr=args.lr,
                weight_decay=args.weight_decay, batch_size=args.batch_size, epochs=args.epochs,
-               patience=args.patience, seed=seed, desc=f"{arch} {'+'.join(tasks)} s{seed}")
+               patience=args.patience, seed=seed, desc=f"{arch} {'+'.join(tasks)} s{seed}",
+               device=args.device)
     test_auc = auc_per_task(model, split["test"])
     out = {"arch": arch, "tasks": tasks, "seed": seed, "width": kw["width"],
            "block_params": n_params(model.block), "params": n_params(model),
@@ -111,14 +117,15 @@ def run_config(args, data, meta, arch, tasks, seed):
     return out
 
 
-def report(args, runs, wall_s):
+def report(args, argv, runs, wall_s):
     def aucs(arch, tasks, task):
         return [r["test_auc"][task] for r in runs if r["arch"] == arch and r["tasks"] == tasks]
 
     single = {t: aucs("shared_bottom", [t], t) for t in ADULT_TASKS}
     lines = [
         "# Stage 3: multi-task architectures on Adult (income + married)", "",
-        f"Test AUC, mean ± std over seeds {args.seeds}; leak-free inputs (Stage 1 npz without "
+        f"Test AUC, mean ± std over seeds {','.join(map(str, args.seed_list))}; leak-free "
+        "inputs (Stage 1 npz without "
         "marital-status/relationship); early stopping on the mean validation AUC.",
         f"Multi-task part sized to the shared-bottom's budget (MLP [{args.bottom_width}, "
         f"{args.bottom_width // 2}], towers {list(args.tower_sizes)}).", "",
@@ -145,9 +152,8 @@ def report(args, runs, wall_s):
         usage = "; ".join(" ".join(f"{w:.2f}" for w in g) for g in r0["gate_usage"])
         lines.append(f"- {arch}: {usage}" + (" (PLE: own experts first, then shared)"
                                               if arch == "ple" else ""))
-    lines += ["", f"Command: `python stage3_advanced/01_mtl_adult.py"
-              f"{' --quick' if args.quick else ''}` ({wall_s / 60:.1f} min, "
-              f"{args.threads} threads)."]
+    lines += ["", f"Command: `{common.command_line(__file__, argv)}` ({wall_s / 60:.1f} min, "
+              f"device {args.device}).", common.machine_line(args.device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
@@ -167,12 +173,16 @@ def plot(runs, path):
     save_figure(fig, path)
 
 
+@common.one_line_errors(FitError)
 def main(argv=None):
     args = parse_args(argv)
+    for folder, flag in [(Path(args.out).parent, "--out"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     data, meta = load_adult(args.npz)
     print(f"Adult: {len(data['train'][1]):,} train / {len(data['val'][1]):,} val / "
-          f"{len(data['test'][1]):,} test rows | seeds {args.seeds} | {args.threads} threads")
+          f"{len(data['test'][1]):,} test rows | seeds {args.seed_list} | device {args.device}, "
+          f"{args.threads} threads")
     configs = [(a, ADULT_TASKS) for a in ARCHS] + [("shared_bottom", [t]) for t in ADULT_TASKS]
     runs = []
     for seed in args.seed_list:
@@ -183,13 +193,17 @@ def main(argv=None):
                   + " ".join(f"{t} {a:.4f}" for t, a in r["test_auc"].items())
                   + f"  (epoch {r['best_epoch']}, {r['block_params']:,} block params)")
     wall = time.perf_counter() - t0
-    table = report(args, runs, wall)
+    common.require_finite({f"{r['arch']} {'+'.join(r['tasks'])} seed {r['seed']}":
+                           list(r["test_auc"].values()) for r in runs}, "the test AUC")
+    table = report(args, argv, runs, wall)
     out = Path(args.out)
     write_text(out, table)
     plot(runs, out.with_suffix(".png"))
     write_json(Path(args.runs_dir) / (out.stem + ".json"),
-               {"script": "stage3_advanced/01_mtl_adult.py", "config": {
-                   k: v for k, v in vars(args).items() if k != "tower_sizes"},
+               {"script": "stage3_advanced/01_mtl_adult.py",
+                "command": common.command_line(__file__, argv), "device": str(args.device),
+                "config": {k: str(v) if k == "device" else v for k, v in vars(args).items()
+                           if k != "tower_sizes"},
                 "runs": [{k: v for k, v in r.items() if k != "history"} for r in runs],
                 "wall_s": wall})
     print(table)

@@ -13,7 +13,8 @@ Run:    python stage3_advanced/03_mtl_ctr.py --make-data       # 400k rows per c
 Reads:  stage3_advanced/data/mtl_ctr_corr{r}/{train,val,test}.txt + meta.json, made by
         python stage2_ctr/01_make_subset.py --synthetic N --tasks 2 --task-corr r --out-dir ...
         (--make-data runs that command when the folder is missing)
-Writes: results/stage3_mtl_ctr.md, results/stage3_mtl_ctr.png, runs/stage3_mtl_ctr.json
+Writes: results/stage3_mtl_ctr.md + .png (only the default run: --quick writes to runs/quick/,
+        other flags to runs/partial/, CUDA to *_cuda.md), runs/stage3_mtl_ctr.json
 """
 import argparse
 import json
@@ -25,12 +26,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
 import common  # noqa: E402
-from common import (correlation, mean_std, non_negative_int, positive_int, pyplot,  # noqa: E402
-                    quick_or_results, save_figure, write_json, write_text)
+from common import (checked, correlation, mean_std, non_negative_int,  # noqa: E402
+                    positive_int, pyplot, save_figure, write_json, write_text)
 from stage2_ctr import synthetic, train_stats  # noqa: E402
 from stage2_ctr.models import criteo_schema  # noqa: E402
 from stage2_ctr.models.mtl import CTRMultiTask, build_mtl, n_params, width_for_budget  # noqa: E402
-from stage2_ctr.training import CTRInputs, auc_per_task, bce, fit  # noqa: E402
+from stage2_ctr.training import CTRInputs, FitError, auc_per_task, bce, fit  # noqa: E402
 from stage3_advanced.stage3_common import HERE, load_criteo, setup  # noqa: E402
 
 ARCHS = ["shared_bottom", "mmoe", "ple", "single_task"]  # single_task: one model per task
@@ -42,35 +43,38 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corrs", type=correlation, nargs="+", default=[0.9, 0.2],
                    help="--task-corr of the generator, one data set each")
-    p.add_argument("--rows", type=int, default=400_000, help="rows per data set (8:1:1 split)")
+    p.add_argument("--rows", type=checked(int, lambda v: v >= 100, "an integer >= 100"),
+                   default=400_000, help="rows per data set (8:1:1 split)")
     p.add_argument("--data-root", default=str(HERE / "data"))
     p.add_argument("--make-data", action="store_true",
                    help="generate a missing data set with stage2_ctr/01_make_subset.py")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--hash-bits", type=int, default=18)
-    p.add_argument("--emb-dim", type=int, default=8)
-    p.add_argument("--bottom-width", type=int, default=256,
-                   help="shared-bottom MLP [w, w/2]: its parameter count is the budget")
+    p.add_argument("--seeds", type=common.seed_list, default=[0, 1])
+    p.add_argument("--hash-bits", type=common.hash_bits, default=18)
+    p.add_argument("--emb-dim", type=positive_int, default=8)
+    p.add_argument("--bottom-width", type=checked(int, lambda v: v >= 2, "an integer >= 2"),
+                   default=256, help="shared-bottom MLP [w, w/2]: its parameter count is the "
+                                     "budget")
     p.add_argument("--experts", type=positive_int, default=4,
                    help="MMoE experts")
     p.add_argument("--ple-shared", type=non_negative_int, default=2)
     p.add_argument("--ple-specific", type=positive_int, default=1)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--patience", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="40k rows, 1 seed, 2 epochs")
+    p.add_argument("--lr", type=common.positive_float, default=2e-3)
+    p.add_argument("--batch-size", type=positive_int, default=2048)
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--patience", type=positive_int, default=1)
+    p.add_argument("--device", type=common.device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true", help="defaults 40k rows, 1 seed, 2 epochs")
     p.add_argument("--out", default=None,
-                   help="default results/stage3_mtl_ctr.md; with --quick runs/quick/ (the "
-                        "committed table stays)")
+                   help="default results/stage3_mtl_ctr.md for the default run; --quick: "
+                        "runs/quick/, other flags: runs/partial/")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
-    args = p.parse_args(argv)
-    if args.out is None:
-        args.out = str(quick_or_results(args.quick) / "stage3_mtl_ctr.md")
-    if args.quick:
-        args.rows, args.seeds, args.epochs = 40_000, "0", 2
-    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    args = common.parse_with_quick(p, argv, dict(rows=40_000, seeds=[0], epochs=2))
+    args.device = common.resolve_device(args.device)
+    args.out = str(args.out or common.results_file(argv, args.quick, "stage3_mtl_ctr",
+                                                   args.device))
+    args.seed_list = args.seeds
     return args
 
 
@@ -118,7 +122,7 @@ def train_eval(args, data, arch, n_tasks, seed):
                                    sparse=True, **kw))
     info = fit(model, data["train"], data["val"], bce, lr=args.lr,
                batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-               seed=seed, desc=f"{arch} s{seed}")
+               seed=seed, desc=f"{arch} s{seed}", device=args.device)
     return {"arch": arch, "seed": seed, "width": kw["width"],
             "block_params": n_params(model.model.block),
             "test_auc": auc_per_task(model, data["test"]), "best_epoch": info["best_epoch"],
@@ -138,12 +142,13 @@ def run_one(args, data, arch, seed):
 
 
 # ------------------------------------------------------------------------------------ report
-def report(args, results, wall_s):
+def report(args, argv, results, wall_s):
     lines = ["# Stage 3: multi-task CTR (click + conversion) on synthetic Criteo-format data",
              "", f"{args.rows:,} rows per data set (8:1:1), test AUC mean ± std over seeds "
-             f"{args.seeds}; gap = oracle AUC - model AUC on the same test rows (smaller is "
-             f"better). Multi-task part at the shared-bottom's budget (MLP [{args.bottom_width}"
-             f", {args.bottom_width // 2}], towers [32]); embedding {args.emb_dim}-d over "
+             f"{','.join(map(str, args.seed_list))}; gap = oracle AUC - model AUC on the same "
+             "test rows (smaller is better). Multi-task part at the shared-bottom's budget "
+             f"(MLP [{args.bottom_width}, {args.bottom_width // 2}], towers [32]); embedding "
+             f"{args.emb_dim}-d over "
              f"2^{args.hash_bits} buckets. single_task = one shared-bottom model per task "
              "(params per model). The click labels and features are the same in every data "
              "set (same seed); only the conversion label changes with the task correlation.",
@@ -161,9 +166,8 @@ def report(args, results, wall_s):
                 f"{oracle[0] - auc[:, 0].mean():.4f} | {mean_std(auc[:, 1])} | "
                 f"{oracle[1] - auc[:, 1].mean():.4f} |")
         lines.append(f"| {corr:g} | | oracle | | | {oracle[0]:.4f} | 0 | {oracle[1]:.4f} | 0 |")
-    lines += ["", f"Command: `python stage3_advanced/03_mtl_ctr.py --make-data"
-              f"{' --quick' if args.quick else ''}` ({wall_s / 60:.1f} min, "
-              f"{args.threads} threads)."]
+    lines += ["", f"Command: `{common.command_line(__file__, argv)}` ({wall_s / 60:.1f} min, "
+              f"device {args.device}).", common.machine_line(args.device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
@@ -184,8 +188,11 @@ def plot(results, path):
     save_figure(fig, path)
 
 
+@common.one_line_errors(FitError)
 def main(argv=None):
     args = parse_args(argv)
+    for folder, flag in [(Path(args.out).parent, "--out"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     results = {}
     for corr in args.corrs:
@@ -204,12 +211,16 @@ def main(argv=None):
                 print(f"  seed {seed} {arch:<13} click {r['test_auc'][0]:.4f} conversion "
                       f"{r['test_auc'][1]:.4f} ({r['train_samples_per_s']:,.0f} samples/s)")
     wall = time.perf_counter() - t0
-    table = report(args, results, wall)
+    common.require_finite({f"{r['arch']} at task corr {c:g} seed {r['seed']}": r["test_auc"]
+                           for c, res in results.items() for r in res["runs"]}, "the test AUC")
+    table = report(args, argv, results, wall)
     out = Path(args.out)
     write_text(out, table)
     plot(results, out.with_suffix(".png"))
     write_json(Path(args.runs_dir) / (out.stem + ".json"),
-               {"script": "stage3_advanced/03_mtl_ctr.py", "config": vars(args),
+               {"script": "stage3_advanced/03_mtl_ctr.py",
+                "command": common.command_line(__file__, argv), "device": str(args.device),
+                "config": {k: str(v) if k == "device" else v for k, v in vars(args).items()},
                 "results": {str(c): r for c, r in results.items()}, "wall_s": wall})
     print(table)
     print(f"wrote {out} and {out.with_suffix('.png')}")

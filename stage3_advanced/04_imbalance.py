@@ -19,7 +19,8 @@ Run:    python stage3_advanced/04_imbalance.py --make-data            # 3 seeds,
 Reads:  stage1_adult/adult_stage1.npz (stage1_adult/02_preprocess.py) and
         stage3_advanced/data/ctr_low_<rows>/ (01_make_subset.py --synthetic N --ctr 0.03;
         --make-data runs it when missing)
-Writes: results/stage3_imbalance.md, results/stage3_imbalance.png (reliability diagrams),
+Writes: results/stage3_imbalance.md + .png (reliability diagrams; only the default run: --quick
+        writes to runs/quick/, other flags to runs/partial/, CUDA to *_cuda.md),
         runs/stage3_imbalance.json
 """
 import argparse
@@ -35,11 +36,11 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
 import common  # noqa: E402
-from common import (binary_metrics, checked, mean_std, pyplot, quick_or_results,  # noqa: E402
-                    save_figure, write_json, write_text)
+from common import (binary_metrics, checked, mean_std, pyplot, save_figure,  # noqa: E402
+                    write_json, write_text)
 from stage2_ctr import synthetic, train_stats  # noqa: E402
 from stage2_ctr.models import build_model, criteo_schema  # noqa: E402
-from stage2_ctr.training import CTRInputs, fit, predict_in_memory  # noqa: E402
+from stage2_ctr.training import CTRInputs, FitError, fit, predict_in_memory  # noqa: E402
 from stage3_advanced.stage3_common import (ADULT_NPZ, HERE, AdultMultiTask,  # noqa: E402
                                            load_adult, load_criteo, setup)
 
@@ -75,31 +76,35 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="+", choices=["adult", "ctr"], default=["adult", "ctr"])
-    p.add_argument("--gammas", type=checked(float, lambda v: v >= 0, "a focal γ >= 0"),
+    p.add_argument("--gammas", type=checked(float, lambda v: 0 <= v < 100, "a focal γ >= 0"),
                    nargs="+", default=[1.0, 2.0])
     p.add_argument("--alpha", type=checked(float, lambda v: 0 < v < 1, "a focal α in (0, 1)"),
                    default=0.25,
                    help="α of one extra focal run (with the largest γ)")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2])
     p.add_argument("--npz", default=str(ADULT_NPZ))
-    p.add_argument("--ctr", type=float, default=0.03, help="click rate of the synthetic data")
-    p.add_argument("--rows", type=int, default=300_000, help="synthetic rows (8:1:1)")
+    p.add_argument("--ctr", type=common.rate, default=0.03,
+                   help="click rate of the synthetic data")
+    p.add_argument("--rows", type=checked(int, lambda v: v >= 100, "an integer >= 100"),
+                   default=300_000, help="synthetic rows (8:1:1)")
     p.add_argument("--data-root", default=str(HERE / "data"))
     p.add_argument("--make-data", action="store_true",
                    help="generate the synthetic data with stage2_ctr/01_make_subset.py if missing")
-    p.add_argument("--epochs", type=int, default=20, help="Adult epochs (CTR: 2)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="1 seed, 40k synthetic rows, 3 epochs")
+    p.add_argument("--epochs", type=common.positive_int, default=20, help="Adult epochs (CTR: 2)")
+    p.add_argument("--device", type=common.device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=common.positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--quick", action="store_true",
+                   help="defaults 1 seed, 40k synthetic rows, 3 epochs")
     p.add_argument("--out", default=None,
-                   help="default results/stage3_imbalance.md; with --quick runs/quick/ (the "
-                        "committed table stays)")
+                   help="default results/stage3_imbalance.md for the default run; --quick: "
+                        "runs/quick/, other flags: runs/partial/")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
-    args = p.parse_args(argv)
-    if args.out is None:
-        args.out = str(quick_or_results(args.quick) / "stage3_imbalance.md")
-    if args.quick:
-        args.seeds, args.rows, args.epochs = "0", 40_000, 3
-    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    args = common.parse_with_quick(p, argv, dict(seeds=[0], rows=40_000, epochs=3))
+    args.device = common.resolve_device(args.device)
+    args.out = str(args.out or common.results_file(argv, args.quick, "stage3_imbalance",
+                                                   args.device))
+    args.seed_list = args.seeds
     return args
 
 
@@ -151,7 +156,7 @@ def run_loss(args, data, new_model, loss_fn, pos_weight, seed, dataset, name):
     fit(model, data["train"], data["val"], loss_fn, lr=2e-3 if is_ctr else 1e-3,
         weight_decay=0.0 if is_ctr else 1e-4, batch_size=2048 if is_ctr else 256,
         epochs=2 if is_ctr else args.epochs, patience=1 if is_ctr else 4, seed=seed,
-        desc=f"{dataset} {name} s{seed}")
+        desc=f"{dataset} {name} s{seed}", device=args.device)
     val_z = predict_in_memory(model, data["val"][0])[:, 0].numpy()
     test_z = predict_in_memory(model, data["test"][0])[:, 0].numpy()
     y_val, y = data["val"][1][:, 0].numpy(), data["test"][1][:, 0].numpy()
@@ -164,11 +169,12 @@ def run_loss(args, data, new_model, loss_fn, pos_weight, seed, dataset, name):
 
 
 # ------------------------------------------------------------------------------------ report
-def report(args, results, oracles, wall_s):
+def report(args, argv, results, oracles, wall_s):
     lines = ["# Stage 3: class imbalance - reweighting and focal loss vs calibration", "",
-             f"Test metrics, mean ± std over seeds {args.seeds}. ECE: expected calibration "
-             "error (15 equal-width bins). 'fixed': prior-shift correction (logit - log w) for "
-             "pos_weight, Platt scaling fitted on validation for the others; AUC is unchanged "
+             f"Test metrics, mean ± std over seeds {','.join(map(str, args.seed_list))}. ECE: "
+             "expected calibration error (15 equal-width bins). 'fixed': prior-shift "
+             "correction (logit - log w) for pos_weight, Platt scaling fitted on validation "
+             "for the others; AUC is unchanged "
              "by either (both are monotone).", ""]
     for dataset, per_loss in results.items():
         first = next(iter(per_loss.values()))[0]["raw"]
@@ -184,9 +190,8 @@ def report(args, results, oracles, wall_s):
                          f"{np.mean([r['raw']['mean_pred'] for r in runs]):.3f} | "
                          f"{col('logloss', fix)} | {col('ece', fix)} |")
         lines.append("")
-    lines += [f"Command: `python stage3_advanced/04_imbalance.py --make-data"
-              f"{' --quick' if args.quick else ''}` ({wall_s / 60:.1f} min, "
-              f"{args.threads} threads)."]
+    lines += [f"Command: `{common.command_line(__file__, argv)}` ({wall_s / 60:.1f} min, "
+              f"device {args.device}).", common.machine_line(args.device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
@@ -205,8 +210,11 @@ def plot(results, path):
     save_figure(fig, path)
 
 
+@common.one_line_errors(FitError)
 def main(argv=None):
     args = parse_args(argv)
+    for folder, flag in [(Path(args.out).parent, "--out"), (args.runs_dir, "--runs-dir")]:
+        common.check_writable(folder, flag)
     t0 = time.perf_counter()
     results, oracles = {}, {}
     for dataset in args.datasets:
@@ -223,12 +231,18 @@ def main(argv=None):
             print(f"  {name:<22} AUC {r['raw']['auc']:.4f} logloss {r['raw']['logloss']:.4f} "
                   f"ECE {r['raw']['ece']:.4f} mean p {r['raw']['mean_pred']:.3f}")
     wall = time.perf_counter() - t0
-    table = report(args, results, oracles, wall)
+    common.require_finite({f"{d} {name}": [[r[fix][k] for k in ("auc", "logloss", "ece")]
+                                           for r in runs for fix in ("raw", "platt")]
+                           for d, per_loss in results.items()
+                           for name, runs in per_loss.items()}, "the test metrics")
+    table = report(args, argv, results, oracles, wall)
     out = Path(args.out)
     write_text(out, table)
     plot(results, out.with_suffix(".png"))
     write_json(Path(args.runs_dir) / (out.stem + ".json"),
-               {"script": "stage3_advanced/04_imbalance.py", "config": vars(args),
+               {"script": "stage3_advanced/04_imbalance.py",
+                "command": common.command_line(__file__, argv), "device": str(args.device),
+                "config": {k: str(v) if k == "device" else v for k, v in vars(args).items()},
                 "results": results, "wall_s": wall})
     print(table)
     print(f"wrote {out} and {out.with_suffix('.png')}")
