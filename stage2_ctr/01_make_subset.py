@@ -151,6 +151,9 @@ def make_subset(paths, out_dir, rows=None, sample_rate=None, split="random", val
         shutil.rmtree(writer.folder, ignore_errors=True)
         raise criteo.CriteoFormatError(f"{paths[0]}: no data rows (blank lines only?); nothing "
                                        "to split")
+    writer.refuse_empty_splits([1 - val_frac - test_frac, val_frac, test_frac],
+                               "keep more rows (--rows, --sample-rate), or set --val-frac / "
+                               "--test-frac to 0 for a split you do not need")
     report = {name: {"rows": writer.rows[s],
                      "positive_rate": writer.positives[s] / max(writer.rows[s], 1)}
               for s, name in enumerate(DatasetWriter.NAMES)}

@@ -192,6 +192,17 @@ class DatasetWriter:
         for f in self.files:
             f.close()
 
+    def refuse_empty_splits(self, fractions, hint):
+        """After the last write: a split asked for (its fraction of the rows > 0) that got no
+        row is a DatasetFolderError, and nothing is swapped in (the temporary folder goes)."""
+        empty = [n for n, rows, f in zip(self.NAMES, self.rows, fractions) if rows == 0 and f > 0]
+        if empty:
+            self.close_splits()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise DatasetFolderError(f"{self.final}: the {' and '.join(empty)} split"
+                                     f"{'s' * (len(empty) > 1)} got no rows ({sum(self.rows):,} "
+                                     f"rows in all); {hint}")
+
     def commit(self):
         """Swap the finished folder in: old -> .old-PID, new -> final, then remove the old."""
         self.close_splits()

@@ -351,6 +351,9 @@ def make_synthetic(cfg, out_dir):
         gen = Generator(cfg)
         arrays = generate_into(gen, cfg, writer)
     writer.close_splits()
+    writer.refuse_empty_splits([1 - cfg.val_frac - cfg.test_frac, cfg.val_frac, cfg.test_frac],
+                               "ask for more rows (--synthetic N), or set --val-frac / "
+                               "--test-frac to 0 for a split you do not need")
     seconds = time.perf_counter() - t0
     report = {}
     for s, name in enumerate(DatasetWriter.NAMES):

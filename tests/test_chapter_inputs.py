@@ -253,3 +253,17 @@ def test_adult_with_an_extra_column_or_tabs_is_one_line(tmp_path, how, message):
     with pytest.raises(adult_data.DataError, match="no row has the 15 comma-separated") as e:
         adult_data.read_adult(tmp_path / "adult.data")
     assert message in str(e.value)
+
+
+def test_a_synthetic_set_with_an_empty_split_is_one_line_and_nothing_is_swapped_in(tmp_path):
+    make = load_script("stage2_ctr/01_make_subset.py")
+    msg = one_line(make.main, ["--synthetic", "1", "--out-dir", str(tmp_path / "one"),
+                               "--workers", "1"])
+    assert "one: the train and test splits got no rows (1 rows in all); ask for more rows" in msg
+    assert not (tmp_path / "one").exists() and not list(tmp_path.iterdir())
+    make.main(["--synthetic", "300", "--out-dir", str(tmp_path / "set"), "--workers", "1"])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
+    msg = one_line(make.main, ["--synthetic", "5", "--out-dir", str(tmp_path / "set"),
+                               "--workers", "1"])
+    assert "the test split got no rows (5 rows in all)" in msg
+    assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before
