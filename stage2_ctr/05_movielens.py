@@ -128,7 +128,7 @@ def train_one(args, name, schema, data, lr, wd, dropout, seed):
                                   dropout=dropout, cross_layers=2))
     info = fit(model, data["train"], data["val"], bce, lr=lr, weight_decay=wd,
                batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-               seed=seed, quiet=True)
+               seed=seed, quiet=True, device=args.device)
     out = {"best_epoch": info["best_epoch"]}
     for split in ("val", "test"):
         p = torch.sigmoid(predict_in_memory(model, data[split][0]))[:, 0].numpy()

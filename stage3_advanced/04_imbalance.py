@@ -62,7 +62,7 @@ def make_losses(args, pos_rate):
     losses = {"BCE": (lambda z, y: F.binary_cross_entropy_with_logits(z, y, reduction="none"),
                       None),
               f"pos_weight={w:.1f}": (lambda z, y: F.binary_cross_entropy_with_logits(
-                  z, y, pos_weight=torch.tensor(w), reduction="none"), w)}
+                  z, y, pos_weight=torch.tensor(w, device=z.device), reduction="none"), w)}
     for g in args.gammas:
         losses[f"focal γ={g:g}"] = (lambda z, y, g=g: focal_loss(z, y, g), None)
     if args.alpha is not None:
