@@ -24,11 +24,21 @@ def read(path):
         return None
 
 
+def latest(runs, script):
+    """(path, metrics) of the newest runs/*/metrics.json written by `script`, or (None, None):
+    found by what the file says wrote it, not by a run name kept here."""
+    found = [(p.stat().st_mtime, p) for p in runs.glob("*/metrics.json")]
+    for _, path in sorted(found, reverse=True):
+        m = read(path)
+        if m and m.get("script") == script:
+            return path, m
+    return None, None
+
+
 def stage1(runs):
-    path = runs / "stage1_both_ple_tokens_wA1_wB1_s0" / "metrics.json"
-    m = read(path)
+    path, m = latest(runs, "stage1_adult/03_train_mtml.py")
     if not m:
-        return [f"  (no run: python stage1_adult/03_train_mtml.py -> {rel(path)})"]
+        return [f"  (no run: python stage1_adult/03_train_mtml.py -> {rel(runs)}/<name>/)"]
     t = m["splits"]["test"]
     return [f"  shared-bottom MTL: test AUC income {t['income']['auc']:.4f}, married "
             f"{t['married']['auc']:.4f} | best epoch {m['best_epoch']} | "
@@ -46,8 +56,8 @@ def stage2(runs, data):
     if loader:
         collisions = loader.get("collisions")
         lines.append(f"  loader: {loader['rows']:,} rows at {loader['rows_per_s']:,.0f} rows/s"
-                     + (f", {collisions['values_sharing_a_bucket']:.1%} of values share a "
-                        f"bucket at 2^{collisions['hash_bits']}" if collisions else "")
+                     + (f", {collisions['values_in_shared_buckets']:.1%} of the values share "
+                        f"a bucket at 2^{collisions['hash_bits']}" if collisions else "")
                      + f"\n    {rel(runs / 'dataloader' / 'metrics.json')}")
     for path in sorted(runs.glob("ctr_*/metrics.json")):
         m = read(path)
