@@ -133,7 +133,7 @@ def run_config(args, regime, model, lr, seed, data_seed, tag="main", rows=None, 
                       epochs=EPOCHS[regime], patience=1, batch_size=args.batch_size, lr=lr,
                       emb_dim=args.emb_dim, mlp=tuple(args.mlp), min_count=args.min_count,
                       cross_layers=args.cross_layers, threads=1, num_workers=0,
-                      runs_dir=args.runs_dir)
+                      amp="off", runs_dir=args.runs_dir)  # fp32: the same numbers on any CPU
     for key, value in changes.items():
         setattr(cfg, key, value)
     extra = "".join(f"_{k}{v:g}" for k, v in sorted(changes.items()) if k != "min_count")
