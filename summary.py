@@ -41,16 +41,27 @@ def described(path, describe):
         return [f"  (incomplete: {rel(path)} {why}; rerun the command that wrote it)"]
 
 
+def latest(runs, script):
+    """(path, metrics) of the newest runs/*/metrics.json written by `script`, or (None, None):
+    found by what the file says wrote it, not by a run name kept here."""
+    found = [(p.stat().st_mtime, p) for p in runs.glob("*/metrics.json")]
+    for _, path in sorted(found, reverse=True):
+        m = read(path)
+        if isinstance(m, dict) and m.get("script") == script:
+            return path, m
+    return None, None
+
+
 def stage1(runs):
-    path = runs / "stage1_both_ple_tokens_wA1_wB1_s0" / "metrics.json"
+    path, _ = latest(runs, "stage1_adult/03_train_mtml.py")
 
     def describe(m):
         t = m["splits"]["test"]
         return [f"  shared-bottom MTL: test AUC income {t['income']['auc']:.4f}, married "
                 f"{t['married']['auc']:.4f} | best epoch {m['best_epoch']} | "
                 f"{m['train_samples_per_s']:,.0f} train samples/s", f"    {rel(path)}"]
-    return (described(path, describe)
-            or [f"  (no run: python stage1_adult/03_train_mtml.py -> {rel(path)})"])
+    return (described(path, describe) if path else
+            [f"  (no run: python stage1_adult/03_train_mtml.py -> {rel(runs)}/<name>/)"])
 
 
 def stage2(runs, data):
@@ -64,8 +75,8 @@ def stage2(runs, data):
     def loader(m):
         collisions = m.get("collisions")
         return [f"  loader: {m['rows']:,} rows at {m['rows_per_s']:,.0f} rows/s"
-                + (f", {collisions['values_sharing_a_bucket']:.1%} of values share a "
-                   f"bucket at 2^{collisions['hash_bits']}" if collisions else ""),
+                + (f", {collisions['values_in_shared_buckets']:.1%} of the values share "
+                   f"a bucket at 2^{collisions['hash_bits']}" if collisions else ""),
                 f"    {rel(runs / 'dataloader' / 'metrics.json')}"]
 
     def ctr(path):

@@ -143,7 +143,8 @@ def main(argv=None):
                 args.files, args.hash_bits, args.labels)
             print(f"hash collisions at 2^{args.hash_bits}: {r['distinct_values']:,} distinct "
                   f"(field, value) pairs -> {r['distinct_buckets']:,} buckets; "
-                  f"{r['values_sharing_a_bucket']:.2%} of values share a bucket")
+                  f"{r['values_in_shared_buckets']:.2%} of the values share their bucket with "
+                  f"another value ({r['excess_values']:.2%} are values beyond one per bucket)")
     except criteo.CriteoFormatError as e:
         sys.exit(f"error: {e}")
     common.write_json(Path(args.runs_dir) / "dataloader" / "metrics.json", metrics)

@@ -333,6 +333,15 @@ def evaluate(model, stream, device, autocast=None):
     return common.auc_logloss(y, p)
 
 
+def data_fingerprints(cfg):
+    """{split: [train_stats.fingerprint of each file]}; a binary cache: its meta.json's."""
+    out = {}
+    for split, files in [("train", cfg.train), ("val", cfg.val), ("test", cfg.test)]:
+        paths = [Path(files[0]) / "meta.json"] if binary_cache.is_cache(files) else files
+        out[split] = [train_stats.fingerprint(p) for p in paths]
+    return out
+
+
 def oracle_scores(files):
     """On synthetic data 01_make_subset.py wrote the oracle's scores into meta.json."""
     meta_path = Path(files[0]).parent / "meta.json"
@@ -501,7 +510,10 @@ def train(cfg, resume=False, quiet=False):
                "peak_rss_mb": common.peak_rss_mb(),
                "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                                if device.type == "cuda" else None),
-               "wall_s": time.perf_counter() - t_start}
+               "wall_s": time.perf_counter() - t_start,
+               # what the numbers were measured on: a reader of this file (03's reuse of
+               # finished runs) can tell a regenerated data set from the one trained on
+               "data": data_fingerprints(cfg)}
     if rank == 0:
         common.write_json(run_dir / "metrics.json", metrics)
         if history:

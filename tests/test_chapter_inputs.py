@@ -230,7 +230,8 @@ def test_require_finite_names_what_is_nan():
 def test_summary_names_a_partial_metrics_file(tmp_path, capsys):
     run = tmp_path / "stage1_both_ple_tokens_wA1_wB1_s0"
     run.mkdir()
-    (run / "metrics.json").write_text(json.dumps({"splits": {"val": {}}}))
+    (run / "metrics.json").write_text(json.dumps({"script": "stage1_adult/03_train_mtml.py",
+                                                  "splits": {"val": {}}}))
     (tmp_path / "ctr_x").mkdir()
     (tmp_path / "ctr_x" / "metrics.json").write_text('{"model": "lr", "splits"')
     (tmp_path / "stage3_mtl_adult.json").write_text(json.dumps({"runs": [{"tasks": [1, 2]}]}))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import load_script
 
-from stage2_ctr import synthetic
+from stage2_ctr import synthetic, train_ctr
 
 make = load_script("stage2_ctr/01_make_subset.py")
 # md5 of `01_make_subset.py --synthetic 3000 --workers 1` as written before the regimes existed
@@ -86,19 +86,42 @@ def test_the_probe_quick_mode_writes_its_table(tmp_path):
     assert all(r["test_rmse"] >= r["floor"] - 0.05 for r in rows)  # nothing beats the truth
 
 
-def test_compare_quick_covers_the_new_regimes_and_reads_runs_back(tmp_path):
+def test_compare_quick_covers_the_regimes_data_seeds_and_reads_runs_back(tmp_path):
     compare = load_script("stage2_ctr/03_compare_models.py")
-    argv = ["--quick", "--rows", "6000", "--models", "lr,fm,dnn", "--mlp", "16",
-            "--jobs", "1", "--out-dir", str(tmp_path), "--data-dir", str(tmp_path),
-            "--runs-dir", str(tmp_path)]
+    argv = ["--quick", "--rows", "6000", "--models", "fm,dnn", "--mlp", "16",
+            "--parts", "models,hash_bits", "--jobs", "1", "--out-dir", str(tmp_path),
+            "--data-dir", str(tmp_path), "--runs-dir", str(tmp_path)]
     compare.main(argv)
     table = (tmp_path / "stage2_models.md").read_text()
     assert "## dot" in table and "## fieldpair" in table and "expected: fm - dnn" in table
+    assert "per data set" in table and "| model | data seed 0 | data seed 1 |" in table
+    assert "What collisions cost" in table and "| 12 |" in table and "| 16 |" in table
     assert "read back" not in table and (tmp_path / "stage2_models.png").exists()
+    assert "Machine: CPU" in table and "--quick --rows 6000" in table
     compare.main(argv)
-    assert "6 of the 6 runs were read back" in (tmp_path / "stage2_models.md").read_text()
+    assert "10 of the 10 runs were read back" in (tmp_path / "stage2_models.md").read_text()
     compare.main(argv + ["--min-count", "5"])  # another config: trained again, not read back
     assert "read back" not in (tmp_path / "stage2_models.md").read_text()
+
+
+def test_a_regenerated_data_set_or_a_broken_record_is_retrained(tmp_path):
+    """Issue 19 item 10: the recorded data fingerprints must equal today's; a metrics.json
+    without scores or history is not a finished run (no traceback)."""
+    from stage2_ctr import compare
+    data = tmp_path / "d"
+    make.main(["--synthetic", "3000", "--workers", "1", "--out-dir", str(data)])
+    cfg = train_ctr.TrainConfig(model="lr", train=[str(data / "train.txt")],
+                                val=[str(data / "val.txt")], test=[str(data / "test.txt")],
+                                num_workers=0, runs_dir=str(tmp_path), run_name="r")
+    train_ctr.train(cfg, quiet=True)
+    assert compare.finished_run(cfg) is not None
+    make.main(["--synthetic", "3000", "--workers", "1", "--seed", "1", "--out-dir", str(data)])
+    assert compare.finished_run(cfg) is None  # same config, other rows: trained again
+    train_ctr.train(cfg, quiet=True)
+    record = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    for broken in ({k: v for k, v in record.items() if k != "splits"}, {**record, "history": []}):
+        (tmp_path / "r" / "metrics.json").write_text(json.dumps(broken))
+        assert compare.finished_run(cfg) is None
 
 
 def test_expected_wins_need_the_margin_and_three_seed_stds():

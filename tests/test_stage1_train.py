@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import load_script
 
 from stage1_adult import mtml
 
@@ -59,11 +59,12 @@ def test_run_writes_metrics_curves_checkpoint(tiny_npz, tmp_path, loader):
                 "train_samples_per_s", "wall_s"]:
         assert key in saved
     assert set(saved["splits"]["test"]) == {"income", "married"}
-    assert 0 <= saved["splits"]["test"]["income"]["auc"] <= 1
+    # 3 epochs on 640 training rows: both loaders learn income (0.65 measured; untrained ~0.5)
+    assert saved["splits"]["test"]["income"]["auc"] > 0.6
+    assert saved["splits"] == m["splits"]  # what was returned is what was written
     assert (tmp_path / "r" / "curves.png").stat().st_size > 1000
     state = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
     assert any(k.startswith("heads.married") for k in state)
-    assert m["train_samples_per_s"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -123,10 +124,3 @@ def test_check_env_exit_codes(capsys):
     assert "torch.cuda.is_available()" in out and "OK" in out
     expected = 0 if torch.cuda.is_available() else 1
     assert check_env.main(["--require-cuda", "--size", "64"]) == expected
-
-
-def test_readme_results_come_from_the_scripts():
-    """The committed results tables carry the command that wrote them."""
-    for name, script in [("stage1_tradeoff.md", "04_mtml_tradeoff.py"),
-                         ("stage1_encodings.md", "05_what_matters.py")]:
-        assert f"stage1_adult/{script}" in (ROOT / "results" / name).read_text()

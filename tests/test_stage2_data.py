@@ -1,4 +1,5 @@
 """Stage 2 data: the Criteo format round trip, the hash, sharding, splits, oracle, bad input."""
+import collections
 import gzip
 import subprocess
 import sys
@@ -252,11 +253,20 @@ def test_fit_stats_standardizes_and_collisions_are_reported(synth):
         assert abs(dense[present, j].mean().item()) < 1e-3
         assert abs(dense[present, j].std().item() - 1) < 1e-2
         assert (dense[~present, j] == 0).all()
-    report = train_stats.collision_report([out / "train.txt"], hash_bits=8)
-    assert report["distinct_buckets"] <= 256 < report["distinct_values"]
-    assert 0 < report["values_sharing_a_bucket"] < 1
+    report = train_stats.collision_report([out / "train.txt"], hash_bits=12)
+    # the naive count: every distinct (field, value) hash, its bucket, how many share each
+    hashes = set()
+    for _, _, raw in criteo.iter_blocks(out / "train.txt", 1 << 20):
+        hashes |= set(parse_bytes(raw)["hashes"].ravel().tolist())
+    per_bucket = collections.Counter(h >> (64 - 12) for h in hashes)
+    shared = sum(c for c in per_bucket.values() if c > 1)
+    assert report["distinct_values"] == len(hashes)
+    assert report["distinct_buckets"] == len(per_bucket)
+    assert report["values_in_shared_buckets"] == pytest.approx(shared / len(hashes))
+    assert report["excess_values"] == pytest.approx(1 - len(per_bucket) / len(hashes))
+    assert report["values_in_shared_buckets"] > report["excess_values"] > 0
     big = train_stats.collision_report([out / "train.txt"], hash_bits=30)
-    assert big["values_sharing_a_bucket"] < 0.001
+    assert big["values_in_shared_buckets"] < 0.001
 
 
 def test_make_subset_missing_input_is_one_line(tmp_path):

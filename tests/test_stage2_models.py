@@ -146,7 +146,11 @@ def test_train_ctr_end_to_end(ctr_data, tmp_path, model):
                                "--epochs", "3", "--lr", "0.01", "--patience", "3"))
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["splits"]["test"]["rows"] == len(open(ctr_data / "test.txt").readlines())
-    assert "oracle" in saved["splits"]["test"] and 0.5 < saved["splits"]["test"]["auc"] < 1
+    test = saved["splits"]["test"]
+    # 3 epochs on 4.8k rows: every model learns (test AUC 0.62-0.65 measured, oracle 0.87; a
+    # model that learns nothing scores ~0.5), and the gap is the oracle's AUC minus the model's
+    assert test["auc"] > 0.58
+    assert test["auc_gap_to_oracle"] == pytest.approx(test["oracle"]["auc"] - test["auc"])
     for key in ["train_samples_per_s", "parameters", "peak_rss_mb", "wall_s", "config"]:
         assert key in saved
     assert (tmp_path / "r" / "curves.png").exists() and m["steps"] > 0
