@@ -55,11 +55,23 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", help="output folder (default stage2_ctr/data/synthetic|subset)")
     p.add_argument("--seed", type=int, default=d.seed, help="split, sampling and generator seed")
     p.add_argument("--ctr", type=float, default=d.ctr, help="synthetic: target click rate")
-    p.add_argument("--tasks", type=int, choices=[1, 2], default=d.tasks,
-                   help="synthetic: 2 adds a conversion label after the click label")
+    p.add_argument("--tasks", type=task_mode, choices=[1, 2, "funnel"], default=d.tasks,
+                   help="synthetic: 2 adds a conversion label after the click label; funnel: "
+                        "a conversion that only follows a click (label2 = 1 needs label = 1)")
     p.add_argument("--task-corr", type=float, default=d.task_corr,
-                   help="synthetic, --tasks 2: correlation rho of the two tasks' signals")
-    p.add_argument("--ctr2", type=float, default=d.ctr2, help="synthetic: second task's rate")
+                   help="synthetic, --tasks 2: correlation rho of the two tasks' signals "
+                        "(funnel: |rho|, its sign from --cvr-relation)")
+    p.add_argument("--ctr2", type=float, default=d.ctr2,
+                   help="synthetic: second task's rate (funnel: mean pCVR over all impressions)")
+    p.add_argument("--selection", choices=["observables", "latent"], default=d.selection,
+                   help="synthetic funnel: what drives the click besides the features: nothing "
+                        "(observables) or also the latent u the CVR depends on (latent)")
+    p.add_argument("--cvr-relation", choices=list(synthetic.CVR_RELATIONS),
+                   default=d.cvr_relation,
+                   help="synthetic funnel: the CVR signal vs the click signal (rho = +, 0, - "
+                        "--task-corr)")
+    p.add_argument("--latent-std", type=common.non_negative_float, default=d.latent_std,
+                   help="synthetic funnel: weight of the unseen latent u ~ N(0, 1) in the logits")
     p.add_argument("--strength", type=float, default=d.strength,
                    help="synthetic: scale of the planted interactions (0 = first order only)")
     p.add_argument("--interactions", choices=synthetic.REGIMES, default=d.interactions,
@@ -83,11 +95,16 @@ def parse_args(argv=None):
         p.error("--sample-rate must be in (0, 1]")
     if not 0 < args.ctr < 1 or not 0 < args.ctr2 < 1:
         p.error("--ctr and --ctr2 must be in (0, 1)")
-    if not -1 <= args.task_corr <= 1:
-        p.error("--task-corr must be in [-1, 1]")
+    if not -1 <= args.task_corr <= 1 or (args.tasks == "funnel" and args.task_corr < 0):
+        p.error("--task-corr must be in [-1, 1] (funnel: [0, 1], the sign is --cvr-relation)")
     if args.val_frac < 0 or args.test_frac < 0 or args.val_frac + args.test_frac >= 1:
         p.error("--val-frac and --test-frac must be >= 0 and sum to < 1")
     return args
+
+
+def task_mode(text):
+    """--tasks: 1, 2 or funnel."""
+    return text if text == "funnel" else int(text)
 
 
 def synthetic_config(args):
@@ -188,6 +205,12 @@ def print_report(meta, out_dir):
             line += (f"  oracle AUC {r['oracle_auc'][0]:.4f} logloss {r['oracle_logloss'][0]:.4f}"
                      f"  (first-order part alone: AUC {r['oracle_auc_first_order_only']:.4f})")
         print(line)
+        if "funnel" in r:
+            f = r["funnel"]
+            print(f"      funnel: pCTR {f['mean_pctr']:.4f}, pCVR {f['mean_pcvr']:.4f} (among "
+                  f"clicks {f['cvr_among_clicks']:.4f}), pCTCVR {f['mean_pctcvr']:.4f}; "
+                  f"entire-space CVR AUC: best from x {f['cvr_auc_given_x']:.4f}, a clicked-"
+                  f"rows fit's target {f['cvr_auc_given_x_click']:.4f}")
     print(f"wrote {out_dir}/{{train,val,test}}.txt"
           + (", *.oracle.npy, meta.json" if meta["kind"] == "synthetic" else ", meta.json"))
 

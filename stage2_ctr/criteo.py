@@ -134,7 +134,7 @@ def hash_fields(block, words, starts, lens):
     return h
 
 
-def parse_block(block, n_labels=1):
+def parse_block(block, n_labels=1, funnel=False):
     """Parse a block of whole lines (uint8 array ending in b'\\n', followed by >= 8 pad bytes).
 
     Returns dict: label (n, T) float32 or None, dense_raw (n, 13) float64 with NaN = missing,
@@ -180,6 +180,9 @@ def parse_block(block, n_labels=1):
         why[row_bad & row_ok] = "label is not 0/1"
         row_ok &= ~row_bad
         label = (lab == ord("1")).astype(np.float32)
+        if funnel:  # a funnel file (label = click, label2 = conversion): no buy without a click
+            why[row_ok & (label[:, 1] > label[:, 0])] = "conversion (label2) on an unclicked row"
+            row_ok &= label[:, 1] <= label[:, 0]
     d = slice(n_labels, n_labels + N_DENSE)
     dense_raw, int_ok = parse_int_fields(block, words, starts[:, d].ravel(), lens[:, d].ravel())
     int_ok = int_ok.reshape(-1, N_DENSE).all(1)
@@ -348,7 +351,7 @@ class CriteoStream(torch.utils.data.IterableDataset):
     def __init__(self, paths, batch_size, hash_bits=20, dense_stats=None, n_labels=1,
                  chunk_bytes=1 << 20, shuffle_buffer=0, seed=0, drop_last=False,
                  max_bad_fraction=0.01, missing_indicator=False, group=1, report=False,
-                 rare_filter=None):
+                 rare_filter=None, funnel=False):
         super().__init__()
         self.paths = check_paths(paths)
         if not (1 <= hash_bits <= 40 and min(batch_size, chunk_bytes, group) >= 1
@@ -359,7 +362,7 @@ class CriteoStream(torch.utils.data.IterableDataset):
         self.n_labels, self.chunk_bytes = n_labels, chunk_bytes
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
         self.drop_last, self.max_bad_fraction = drop_last, max_bad_fraction
-        self.missing_indicator, self.report = missing_indicator, report
+        self.missing_indicator, self.report, self.funnel = missing_indicator, report, funnel
         self.rare_filter = rare_filter  # train_stats.RareFilter: rare values -> a rare bucket
         self.group = group  # > 1: `group` batches per item, one transfer (iter_batches splits)
         # after a full single-process pass: rows yielded, bad rows skipped, per-file counts
@@ -379,7 +382,7 @@ class CriteoStream(torch.utils.data.IterableDataset):
             self.stats["files"][str(path)] = counts
             for line_no, offset, raw in iter_blocks(path, self.chunk_bytes, shard, n_shards):
                 block = np.frombuffer(raw + b"\0" * 8, dtype=np.uint8)
-                p = parse_block(block, self.n_labels)
+                p = parse_block(block, self.n_labels, self.funnel)
                 counts["rows"] += len(p["hashes"])
                 counts["bad_rows"] += p["n_bad"]
                 for i, why in p["bad"]:

@@ -17,7 +17,14 @@ The click model (all parameters drawn from the seed), in one of three regimes (-
 Dense fields enter through z = (log I - mu) / sigma (0 when missing): w_j z (and v_j z, e_j z).
 With tasks=2 a second label ("conversion") follows the first: its logit mixes the click signal
 with an independent one, s2 = rho * s1 + sqrt(1 - rho^2) * s_own (task_corr = rho).
-Column layout: label [label2] I1..I13 C1..C26 (40 or 41 tab-separated fields).
+With tasks="funnel" a conversion can only follow a click (ESMM's world). A latent u ~ N(0, 1) per
+row (never written) always moves the CVR, and with selection="latent" also the click:
+  pCTR = sigmoid(s1 + b1 + a u), a = latent_std or 0;  pCVR = sigmoid(s2 + b2 + latent_std u)
+  click ~ Bernoulli(pCTR); conversion = click AND Bernoulli(pCVR); mean pCTR = ctr, mean pCVR =
+  ctr2 over all impressions; s2 mixes s1 as above, rho = +-task_corr or 0 (cvr_relation).
+The oracle holds FUNNEL_ORACLE per row: pCTR, pCVR, pCTCVR = pCTR * pCVR (given x and u), and
+u integrated out: E[pCVR | x] (the best from x), P(conversion | x, click) (a clicked-rows fit's).
+Column layout: label [label2] I1..I13 C1..C26 (40 or 41 tab-separated fields; funnel: label2).
 
 Speed: rows are drawn and formatted in chunks of ~16k rows by forked worker processes (the same
 files for any number of workers), and the BLAS is held to one thread while generating: the click
@@ -41,6 +48,8 @@ DOT_STD = 0.8         # dot: std of each pair's dot-product term in the logit (6
 DOT_VALUES = 300      # dot: values of each id field, equally frequent
 FIELDPAIR_DIM = 4     # planted embedding size per field in the fieldpair regime
 FIELDPAIR_STD = 1.5   # std of the fieldpair quadratic form in the logit
+FUNNEL_ORACLE = ["pctr", "pcvr", "pctcvr", "pcvr_given_x", "pcvr_given_x_click"]
+CVR_RELATIONS = {"shared": 1.0, "independent": 0.0, "opposite": -1.0}  # sign of rho (task_corr)
 
 
 @dataclass
@@ -49,9 +58,9 @@ class SyntheticConfig:
     rows: int = 200_000
     seed: int = 0
     ctr: float = 0.25
-    tasks: int = 1
+    tasks: int = 1            # 1 | 2 | "funnel" (a conversion only after a click)
     task_corr: float = 0.5
-    ctr2: float = 0.1
+    ctr2: float = 0.1         # tasks 2: the second label's rate; funnel: mean pCVR (all rows)
     strength: float = 1.0     # scale of the pairwise + third-order terms (0 = first order)
     split: str = "random"     # random (seeded 8:1:1 per row) | time (the last rows are test)
     val_frac: float = 0.1
@@ -61,6 +70,9 @@ class SyntheticConfig:
     interactions: str = "lowrank"  # lowrank | dot | fieldpair (REGIMES)
     cross_rank: int = 16      # dot: the dimension k of the planted dot products
     side_missing: float = 0.95  # dot: share of rows in which each side field is missing
+    selection: str = "observables"  # funnel: what drives the click: observables | latent
+    cvr_relation: str = "shared"    # funnel: CVR signal vs click signal (CVR_RELATIONS)
+    latent_std: float = 2.0         # funnel: weight of the latent u in the logits
 
 
 # ------------------------------------------------------------------------- the click model
@@ -265,7 +277,10 @@ class Generator:
         self.bias = calibrate_bias(sum(parts.values()), cfg.ctr)
         self.signal_std = float(np.std(sum(parts.values())))
         self.part_std = {k: float(np.std(v)) for k, v in parts.items()}
-        if self.tasks == 2:  # the second task's own signal: another model of the same shape
+        self.rho = cfg.task_corr  # the second task's mix (funnel: its sign from cvr_relation)
+        if self.tasks == "funnel":
+            self._init_funnel(cfg, ranks, z, sum(parts.values()), cal)
+        elif self.tasks == 2:  # the second task's own signal: another model of the same shape
             self.model2 = ClickModel(cfg.seed, cfg.strength, weight_seed=cfg.seed + 10_000,
                                      interactions=cfg.interactions, cross_rank=cfg.cross_rank,
                                      side_missing=cfg.side_missing)
@@ -275,8 +290,38 @@ class Generator:
             s2 = self._mix(signal - signal.mean(), own - own.mean())
             self.bias2 = calibrate_bias(s2, cfg.ctr2)
 
+    def _init_funnel(self, cfg, ranks, z, s1, cal):
+        """The CVR's own weights (as tasks=2), rho, and both biases on the calibration rows."""
+        self.model2 = ClickModel(cfg.seed, cfg.strength, weight_seed=cfg.seed + 10_000,
+                                 interactions=cfg.interactions, cross_rank=cfg.cross_rank,
+                                 side_missing=cfg.side_missing)
+        own = sum(self.model2.logit_parts(ranks, z).values())
+        self.own_scale = self.signal_std / float(np.std(own))
+        self.rho = CVR_RELATIONS[cfg.cvr_relation] * cfg.task_corr
+        self.click_latent = cfg.latent_std if cfg.selection == "latent" else 0.0
+        u = cal.standard_normal(len(z), dtype=np.float32)
+        self.bias = calibrate_bias(s1 + self.click_latent * u, cfg.ctr)
+        self.bias2 = calibrate_bias(self._mix(s1, own) + cfg.latent_std * u, cfg.ctr2)
+
+    def funnel_rows(self, rng, s1, ranks, z):
+        """u, then labels (n, 2) int8 and oracle (n, 5) float32 (FUNNEL_ORACLE): sigmoids at u
+        (column 0) and at 32 Gauss-Hermite nodes: E_u[pCVR], E_u[pCTR pCVR] / E_u[pCTR]."""
+        own = sum(self.model2.logit_parts(ranks, z).values())
+        nodes, weights = np.polynomial.hermite_e.hermegauss(32)
+        at = np.c_[rng.standard_normal(len(s1), dtype=np.float32), np.broadcast_to(
+            nodes.astype(np.float32), (len(s1), 32))]
+        ctr = 1 / (1 + np.exp(-((s1 + self.bias)[:, None] + np.float32(self.click_latent) * at)))
+        cvr = 1 / (1 + np.exp(-((self._mix(s1, own) + self.bias2).astype(np.float32)[:, None]
+                                + np.float32(self.cfg.latent_std) * at)))  # float32: pCTCVR exact
+        w = weights / weights.sum()
+        oracle = np.stack([ctr[:, 0], cvr[:, 0], ctr[:, 0] * cvr[:, 0], cvr[:, 1:] @ w,
+                           (ctr[:, 1:] * cvr[:, 1:]) @ w / (ctr[:, 1:] @ w)], 1).astype(np.float32)
+        click = rng.random(len(s1), dtype=np.float32) < oracle[:, 0]
+        convert = click & (rng.random(len(s1), dtype=np.float32) < oracle[:, 1])
+        return np.stack([click, convert], 1).astype(np.int8), oracle
+
     def _mix(self, s1, own):
-        rho = self.cfg.task_corr
+        rho = self.rho
         return rho * s1 + np.sqrt(1 - rho ** 2) * own * self.own_scale
 
     def hex_words_of(self, ranks):
@@ -296,11 +341,14 @@ class Generator:
         parts = self.model.logit_parts(ranks, z)
         s1 = sum(parts.values())
         probs = [1 / (1 + np.exp(-(s1 + self.bias)))]
-        if self.tasks == 2:
-            own = sum(self.model2.logit_parts(ranks, z).values())
-            probs.append(1 / (1 + np.exp(-(self._mix(s1, own) + self.bias2))))
-        oracle = np.stack(probs, 1).astype(np.float32)
-        labels = (rng.random(oracle.shape, dtype=np.float32) < oracle).astype(np.int8)
+        if self.tasks == "funnel":
+            labels, oracle = self.funnel_rows(rng, s1, ranks, z)
+        else:
+            if self.tasks == 2:
+                own = sum(self.model2.logit_parts(ranks, z).values())
+                probs.append(1 / (1 + np.exp(-(self._mix(s1, own) + self.bias2))))
+            oracle = np.stack(probs, 1).astype(np.float32)
+            labels = (rng.random(oracle.shape, dtype=np.float32) < oracle).astype(np.int8)
         return {"labels": labels, "oracle": oracle, "ranks": ranks, "dense": dense,
                 "dense_missing": dense_missing, "hex_words": self.hex_words_of(ranks),
                 "parts": parts}
@@ -361,12 +409,19 @@ def make_synthetic(cfg, out_dir):
             a = {k: np.concatenate(v) for k, v in arrays[s].items()}
             common.save_npy(writer.folder / f"{name}.oracle.npy",
                             a["oracle"][:, 0] if cfg.tasks == 1 else a["oracle"])
-            report[name] = score_oracle(a["labels"].astype(np.float32), a["oracle"],
+            funnel = cfg.tasks == "funnel"  # scored: pCTR on clicks, pCTCVR on conversions
+            report[name] = score_oracle(a["labels"].astype(np.float32),
+                                        a["oracle"][:, [0, 2]] if funnel else a["oracle"],
                                         {k[5:]: v for k, v in a.items() if k.startswith("part:")})
+            if funnel:
+                report[name]["funnel"] = score_funnel(a["oracle"])
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "synthetic",
             "config": asdict(cfg),
-            "columns": (["label"] + (["label2"] if cfg.tasks == 2 else [])
+            "columns": (["label"] + (["label2"] if cfg.tasks in (2, "funnel") else [])
                         + [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 27)]),
+            **({"funnel": {"label": "click", "label2": "conversion (only where label = 1)",
+                           "oracle_columns": FUNNEL_ORACLE, "rho": gen.rho}}
+               if cfg.tasks == "funnel" else {}),
             "generator": planted_structure(gen),
             "splits": report, "rows_per_s": cfg.rows / seconds, "seconds": seconds}
     common.write_json(writer.folder / "meta.json", meta)
@@ -421,6 +476,24 @@ def generate_into(gen, cfg, writer):
                         kept[s].setdefault(k, []).append(v)
                 next_segment += 1
     return kept
+
+
+def expected_auc(p_true, score):
+    """The AUC of `score` against labels drawn from p_true, in expectation: each row is a positive
+    of weight p and a negative of weight 1 - p (CVR over ALL impressions has no labels)."""
+    from sklearn.metrics import roc_auc_score
+    p_true = np.asarray(p_true, np.float64)
+    return float(roc_auc_score(np.r_[np.ones(len(p_true)), np.zeros(len(p_true))],
+                               np.r_[score, score], sample_weight=np.r_[p_true, 1 - p_true]))
+
+
+def score_funnel(oracle):
+    """Rates over impressions and clicks; entire-space CVR AUC of the oracle's columns."""
+    o = oracle[::-(-len(oracle) // MAX_SCORED_ROWS)].astype(np.float64)
+    return {"mean_pctr": o[:, 0].mean(), "mean_pcvr": o[:, 1].mean(), "mean_pctcvr":
+            o[:, 2].mean(), "cvr_among_clicks": o[:, 2].sum() / o[:, 0].sum(),
+            **{f"cvr_auc_{name}": expected_auc(o[:, 1], o[:, k])
+               for k, name in [(1, "oracle"), (3, "given_x"), (4, "given_x_click")]}}
 
 
 def score_oracle(y, oracle, parts):
