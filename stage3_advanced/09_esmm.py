@@ -44,6 +44,7 @@ REGIMES = {"observables": dict(selection="observables", ctr=0.03, ctr2=0.03),
 MODELS = ["naive_cvr", "naive_product", "esmm", "esmm_mmoe", "esmm_ple"]
 # columns of FUNNEL_ORACLE: pCVR given x and u; E[pCVR given x]; P(conversion given x, click)
 ORACLES = {"oracle (sees u)": 1, "best from x": 3, "clicked-rows target": 4}
+CURVE = ["naive_cvr", "esmm"]  # the learning curve's models
 
 
 def parse_args(argv=None):
@@ -62,6 +63,11 @@ def parse_args(argv=None):
                                                         "fractions in (0, 1]", True),
                    default=[1 / 16, 1 / 8, 1 / 4, 1 / 2],
                    help="learning curve: shares of the train rows (observables, data seed 0)")
+    p.add_argument("--min-steps", type=common.non_negative_int, default=0,
+                   help="at least this many optimizer steps per model (more epochs on small "
+                        "data, early stopping with patience 2); 0: the epochs as given")
+    p.add_argument("--curve-only", action="store_true", help="only the learning curve "
+                   "(give the full size as --curve-fracs ... 1)")
     p.add_argument("--data-root", default=str(HERE / "data"))
     p.add_argument("--make-data", action="store_true", help="generate missing data sets")
     p.add_argument("--hash-bits", type=common.hash_bits, default=18)
@@ -154,10 +160,12 @@ def build(args, name):
 
 def train(args, model, train_split, val_split, seed, desc, on_clicks=False):
     setup(args.threads, seed)
-    info = fit(CTRInputs(model), train_split, val_split, bce, lr=args.lr,
-               batch_size=args.click_batch_size if on_clicks else args.batch_size,
-               epochs=args.click_epochs if on_clicks else args.epochs, patience=2, seed=seed,
-               desc=desc, device=args.device)
+    batch = args.click_batch_size if on_clicks else args.batch_size
+    steps_per_epoch = -(-len(train_split[1]) // batch)
+    epochs = max(args.click_epochs if on_clicks else args.epochs,
+                 min(200, -(-args.min_steps // steps_per_epoch)))
+    info = fit(CTRInputs(model), train_split, val_split, bce, lr=args.lr, batch_size=batch,
+               epochs=epochs, patience=2, seed=seed, desc=desc, device=args.device)
     return model, info
 
 
@@ -291,7 +299,7 @@ def plot(results, curve, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(MODELS)
-    for i, m in enumerate(MODELS):
+    for i, m in enumerate(MODELS if results else []):
         means = [np.mean(np.concatenate(vals_of(res, m, "cvr_auc_entire") or [[np.nan]]))
                  for res in results.values()]
         axes[0].bar(np.arange(len(results)) + i * width, means, width, label=m)
@@ -301,8 +309,8 @@ def plot(results, curve, path):
             axes[0].plot([j - width / 2, j + 0.8 - width / 2], [v, v], style,
                          label=name if j == 0 else None)
     axes[0].set_xticks(np.arange(len(results)) + 0.4 - width / 2, list(results))
-    lo = min(np.concatenate(vals_of(r, m, "cvr_auc_entire")).mean() for r in results.values()
-             for m in MODELS if vals_of(r, m, "cvr_auc_entire"))
+    lo = min([np.concatenate(vals_of(r, m, "cvr_auc_entire")).mean() for r in results.values()
+              for m in MODELS if vals_of(r, m, "cvr_auc_entire")] or [0.52])
     axes[0].set(ylim=(lo - 0.02, None), ylabel="entire-space CVR AUC",
                 title="CVR over all impressions")
     axes[0].legend(fontsize=7)
@@ -330,15 +338,16 @@ def main(argv=None):
             folder = ensure_data(args, regime, ds)
             data = load_funnel(folder, args.hash_bits)
             meta = json.loads((folder / "meta.json").read_text())
-            models = (MODELS[:3] if regime == "latent_easy" else MODELS
-                      if ds == args.data_seeds[0] else ["naive_cvr", "esmm"])
+            models = ([] if args.curve_only else MODELS[:3] if regime == "latent_easy" else
+                      MODELS if ds == args.data_seeds[0] else ["naive_cvr", "esmm"])
             res = {"rates": meta["splits"]["test"]["funnel"], "oracles": oracle_rows(data["test"]),
                    "runs": [run_models(args, data, s, models, f"{regime} d{ds}")
                             for s in args.seeds]}
-            results[regime][ds] = res
-            print(f"{regime} d{ds}: " + ", ".join(
-                f"{m} {np.mean([r[m]['cvr_auc_entire'] for r in res['runs']]):.4f}"
-                for m in res["runs"][0]) + " (entire-space CVR AUC)")
+            if not args.curve_only:
+                results[regime][ds] = res
+                print(f"{regime} d{ds}: " + ", ".join(
+                    f"{m} {np.mean([r[m]['cvr_auc_entire'] for r in res['runs']]):.4f}"
+                    for m in res["runs"][0]) + " (entire-space CVR AUC)")
             if regime == "observables" and ds == args.data_seeds[0]:
                 n = len(data["train"][1])
                 for frac in args.curve_fracs:
@@ -348,10 +357,10 @@ def main(argv=None):
                     curve.append({"rows": int(n * frac), "clicks": runs[0]["naive_cvr"][
                         "train_clicks"], **{m: [r[m]["cvr_auc_entire"] for r in runs]
                                             for m in ["naive_cvr", "esmm"]}})
-                curve.append({"rows": n, "clicks": res["runs"][0]["naive_cvr"]["train_clicks"],
-                              **{m: [r[m]["cvr_auc_entire"] for r in res["runs"]]
-                                 for m in ["naive_cvr", "esmm"]}})
-    wall = time.perf_counter() - t0
+                curve += [] if args.curve_only else [{
+                    "rows": n, "clicks": res["runs"][0]["naive_cvr"]["train_clicks"],
+                    **{m: [r[m]["cvr_auc_entire"] for r in res["runs"]] for m in CURVE}}]
+    wall, results = time.perf_counter() - t0, {k: v for k, v in results.items() if v}
     table = report(args, argv, results, curve, wall)
     out = Path(args.out)
     write_text(out, table)
