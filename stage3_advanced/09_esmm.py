@@ -10,7 +10,7 @@ few clicks (the learning curve). Models: the naive CVR tower (clicked rows), nai
 ESMM (Ma et al. 2018; stage2_ctr/models/esmm.py) with towers, MMoE or PLE under it, and oracles.
 
 Read with it: stage2_ctr/models/esmm.py, stage2_ctr/synthetic.py (the funnel, FUNNEL_ORACLE).
-Run:    python stage3_advanced/09_esmm.py --make-data --threads 1     # ~25 min on one core
+Run:    python stage3_advanced/09_esmm.py --make-data --threads 1     # ~21 min on one core
         python stage3_advanced/09_esmm.py --quick --make-data         # 30k rows, < 1 min
 Reads:  stage3_advanced/data/esmm_<rows>_<regime>_d<data seed>/ (made by --make-data, or by
         python stage2_ctr/01_make_subset.py --synthetic N --tasks funnel --selection ...)
