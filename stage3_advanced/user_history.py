@@ -163,3 +163,233 @@ def latency(model, inputs, batch, device, calls=100):
         if i >= 10:
             times.append((time.perf_counter() - t0) * 1e3)
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+# ------------------------------------------------------------------ what DIN looks at
+def attention_example(model, data):
+    """DIN's weights over one test user's history for two of her candidates from different
+    categories that both occur in her history (the attention regime's first data set)."""
+    if model is None:
+        return None
+    x, y = data.splits["test"]
+    users = data.users["test"]
+    for u in dict.fromkeys(users):
+        rows = np.flatnonzero(users == u)
+        hist = x["hist_cat"][rows[0]]
+        cats = [r for r in rows if (hist == x["cat"][r]).any()]
+        pair = [cats[0], next((r for r in cats if x["cat"][r] != x["cat"][cats[0]]), None)]
+        if pair[1] is not None:
+            break
+    else:
+        return None
+    model.eval()
+    with torch.no_grad():
+        w = model.attention_weights({k: v[pair] for k, v in x.items()}).numpy()
+    n = int((x["hist_item"][pair[0]] > 0).sum())
+    return {"user": str(u), "history_cats": x["hist_cat"][pair[0], :n].tolist(),
+            "candidates": [{"cat": int(x["cat"][r]), "label": int(y[r, 0]),
+                            "weights": w[i, :n].tolist()} for i, r in enumerate(pair)]}
+
+
+# ------------------------------------------------------------------------------ the report
+def test_values(runs, metric="auc"):
+    return [r["test"][metric] for r in runs]
+
+
+def row_of(name, runs, oracle=None, extra=()):
+    auc = test_values(runs)
+    cells = [name, *extra, common.mean_std(auc), common.mean_std(test_values(runs, "gauc")),
+             common.mean_std(test_values(runs, "logloss"))]
+    return cells + ([f"{oracle - np.mean(auc):+.4f}"] if oracle is not None else [])
+
+
+def claim(models, lead, other, regime):
+    """lead - other per data set (paired), against 3x the larger seed std of the two."""
+    if lead not in models or other not in models:
+        return []
+    diff = np.array(test_values(models[lead]["runs"])) - np.array(
+        test_values(models[other]["runs"]))
+    stds = [np.std(test_values(models[m][k])) for m in (lead, other)
+            for k in ("runs", "train_seed_runs")]
+    noise = 3 * max(stds)
+    if regime == "pooling":
+        verdict = ("within noise: pooling is enough" if abs(diff.mean()) < noise else
+                   "NOT within noise")
+    else:
+        verdict = ("holds" if diff.mean() >= max(noise, 0.01 if lead == "din" else 0) else
+                   "does NOT hold")
+    return [f"{lead} - {other}: {diff.mean():+.4f} test AUC (per data set "
+            f"{', '.join(f'{d:+.4f}' for d in diff)}; 3 x the largest seed std "
+            f"{noise:.4f}) - {verdict}."]
+
+
+def synthetic_lines(args, syn, claims):
+    lines = ["", "## Generated users (multi_interest.py): where each idea must win", "",
+             f"Generator seeds {args.gen_seeds} (one data set each, trained with the same "
+             f"training seed; the training-seed column is seeds {args.train_seeds} on the "
+             f"first data set); {args.users[0]:,} / {args.users[1]:,} / {args.users[2]:,} "
+             "users in train / val / test (8 impressions each, histories of 20-40 behaviours, "
+             "split by user); lr picked on the first data set's validation AUC, dropout and "
+             "weight decay 0. `gap` = the oracle's test AUC - the model's."]
+    for regime, r in syn.items():
+        oracle = np.mean([m["oracle"]["test_auc"] for m in r["meta"]])
+        rows = [row_of(n, m["runs"], oracle, [f"{m['picked']['lr']:g}", common.mean_std(
+            test_values(m["train_seed_runs"])) if "train_seed_runs" in m else "-"])
+                for n, m in r["models"].items()]
+        if "lightgbm" in r:
+            rows.append(row_of("LightGBM + history aggregates", r["lightgbm"]["runs"], oracle,
+                               ["-", "-"]))
+        for key, label in [("oracle", "oracle (the true p)"),
+                           ("oracle_without_history", "oracle without the history")]:
+            vals = {k: [m[key][f"test_{k}"] for m in r["meta"]] for k in ("auc", "gauc",
+                                                                        "logloss")}
+            rows.append([label, "-", "-", common.mean_std(vals["auc"]),
+                         common.mean_std(vals["gauc"]), common.mean_std(vals["logloss"]),
+                         f"{oracle - np.mean(vals['auc']):+.4f}"])
+        lines += ["", f"### {regime} regime ({multi_interest.REGIMES[regime]['interests']} "
+                  "interests" + (", drift: 3 old ones first" if regime == "order" else "")
+                  + f", {r['rows']['train']:,} train rows)", ""]
+        lines += common.markdown_table(["model", "lr", "test AUC, training seeds",
+                                        "test AUC", "test gAUC", "test logloss", "gap"], rows)
+        lines += [""] + claim(r["models"], *claims[regime], regime)
+    return lines
+
+
+def movielens_lines(args, ml):
+    lines = ["", "## MovieLens-100k: time-ordered histories", "",
+             f"{ml['rows']:,} ratings (3s dropped, label = rating >= 4); a row's history = the "
+             "user's last L ratings with a STRICTLY earlier timestamp (item, genres, liked "
+             "flag). L picked with the pooling model on the "
+             f"{args.split_list[0]} split's validation AUC: "
+             + ", ".join(f"L {k} {v:.4f}" for k, v in ml["L_sweep_val_auc"].items())
+             + f" -> L = {ml['L']}. lr / weight decay / dropout picked per model on the "
+             f"{args.split_list[0]} split (seed {args.seeds[0]}); seeds {args.seeds}. "
+             "LightGBM (stage2_ctr/gbdt.py, installed for the run only) gets item, genres and "
+             "user as categoricals and the history's aggregates (user_history.aggregates: "
+             "length, like rate overall / of the last 5 / within the candidate's genres, the "
+             "candidate genres' count and share, whether the item was rated before)."]
+    for kind, models in ml["splits"].items():
+        rows = []
+        for n, m in models.items():
+            p = m["picked"]
+            cfg = (f"lr {p['lr']:g}, wd {p['wd']:g}, dropout {p['dropout']:g}" if "lr" in p
+                   else f"leaves {p['num_leaves']}, min leaf {p['min_data_in_leaf']}")
+            rows.append(row_of("LightGBM + history aggregates" if n == "lightgbm" else n,
+                               m["runs"], None, [cfg]) + [
+                f"{np.mean([r['best_epoch'] for r in m['runs']]):.1f}"])
+        lines += ["", f"### {kind} split" + (" (leaks the future into histories: see below)"
+                                              if kind == "random" else ""), ""]
+        lines += common.markdown_table(["model", "picked on val", "test AUC", "test gAUC",
+                                        "test logloss", "best epoch (trees)"], rows)
+        hist = {n: np.mean(test_values(m["runs"])) for n, m in models.items()
+                if n in ("pool", "din", "din_prelu", "bst")}
+        if hist and "base" in models and kind == "time":
+            best = max(hist, key=hist.get)
+            base = np.mean(test_values(models["base"]["runs"]))
+            lines += ["", f"Best history model: {best}, {hist[best]:.4f} test AUC "
+                      f"({'>=' if hist[best] >= 0.805 else 'BELOW'} the 0.805 target), "
+                      f"{hist[best] - base:+.4f} over no history ("
+                      f"{'>=' if hist[best] - base >= 0.02 else 'BELOW'} the +0.02 target)."]
+        users = next(iter(models.values()))["runs"][0]["test"]
+        gain = {n: (np.mean(test_values(models[n]["runs"])) - np.mean(test_values(
+            models["base"]["runs"])), np.mean(test_values(models[n]["runs"], "gauc"))
+            - np.mean(test_values(models["base"]["runs"], "gauc"))) for n in hist} \
+            if "base" in models else {}
+        lines += ["", f"gAUC over the {users['gauc_users']} test users with both labels "
+                  f"({users['gauc_skipped']} one-class users skipped). Against no history, "
+                  "AUC / gAUC: " + "; ".join(f"{n} {a:+.4f} / {g:+.4f}"
+                                             for n, (a, g) in gain.items()) + "."]
+        if kind == "random":
+            lines += ["", "Why the random split leaks: a training row rated after a test row "
+                      "holds that test rating - and its liked flag, the test label - in its "
+                      "history, and the user's embedding is trained on her later ratings. A "
+                      "history is only honest when everything after the row is unseen: the "
+                      "time split."]
+    return lines
+
+
+def report(args, argv, result, claims, script):
+    lines = ["# Stage 3: the user's behaviour history - pooling, DIN, BST, with gAUC", "",
+             f"Models: base (user + candidate), pool (+ mean of the history), din (+ DIN's "
+             f"target attention, Dice), bst (+ one transformer layer with recency positions); "
+             f"emb {args.emb_dim}, MLP {'-'.join(map(str, args.mlp))} (BatchNorm, ReLU), batch "
+             f"{args.batch_size}, AdamW, early stopping on validation AUC (patience "
+             f"{args.patience}). gAUC: the AUC within each user, weighted by her impressions "
+             "(behaviour.gauc)."]
+    if "files" in result:
+        lines += ["", f"## {args.train} / {args.val} / {args.test}", "",
+                  "rows " + ", ".join(f"{k} {v:,}" for k, v in result["files_rows"].items())
+                  + f"; L = {args.max_lens[0]}; seeds {args.seeds}", ""]
+        lines += common.markdown_table(
+            ["model", "picked on val", "test AUC", "test gAUC", "test logloss"],
+            [row_of(n, m["runs"], None, [", ".join(f"{k} {v:g}" for k, v in
+                                                   m["picked"].items())])
+             for n, m in result["files"].items()])
+    if "synthetic" in result:
+        lines += synthetic_lines(args, result["synthetic"], claims)
+    prelu = [(where, runs, other) for where, runs, other in [
+        ("generated, attention regime", result.get("synthetic", {}).get("attention", {}).get(
+            "prelu"), result.get("synthetic", {}).get("attention", {}).get("models", {})),
+        (f"MovieLens, {args.split_list[0]} split", result.get("movielens", {}).get("prelu"),
+         result.get("movielens", {}).get("splits", {}).get(args.split_list[0], {}))] if runs]
+    if prelu:
+        lines += ["", "## DIN's activation: Dice vs PReLU (the same picked config)", ""]
+        lines += common.markdown_table(["data", "Dice test AUC", "PReLU test AUC", "Dice - PReLU"],
+                                       [[w, common.mean_std(test_values(o["din"]["runs"])),
+                                         common.mean_std(test_values(r)),
+                                         f"{np.mean(test_values(o['din']['runs'])) - np.mean(test_values(r)):+.4f}"]
+                                        for w, r, o in prelu])
+    if "movielens" in result:
+        lines += movielens_lines(args, result["movielens"])
+    if result.get("speed"):
+        models = result["synthetic"]["attention"]["models"]
+        lines += ["", "## Speed (generated attention regime, device "
+                  f"{result['device']}, {args.threads} thread(s))", ""]
+        lines += common.markdown_table(
+            ["model", "training samples/s"] + [f"p50 / p99 ms, batch {b}" for b in (1, 64, 1024)],
+            [[n, f"{models[n]['runs'][0]['train_samples_per_s']:,.0f}" if n in models else "-"]
+             + [f"{v[0]:.2f} / {v[1]:.2f}" for v in t.values()]
+             for n, t in result["speed"].items()])
+    lines += ["", f"Command: `{common.command_line(script, argv)}` "
+              f"({result['wall_s'] / 60:.1f} min, device {result['device']}).",
+              common.machine_line(result["device"], args.threads)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    """Test AUC per regime and model against the oracle; MovieLens AUC and gAUC per split; DIN's
+    weights over one user's history for two candidates."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    ax = axes[0, 0]
+    for i, (regime, r) in enumerate(result.get("synthetic", {}).items()):
+        names = list(r["models"])
+        vals = [test_values(r["models"][n]["runs"]) for n in names]
+        xs = i * (len(names) + 1) + np.arange(len(names))
+        ax.bar(xs, [np.mean(v) for v in vals], yerr=[np.std(v) for v in vals], capsize=2,
+               color=[f"C{k}" for k in range(len(names))])
+        ax.hlines(np.mean([m["oracle"]["test_auc"] for m in r["meta"]]), xs[0] - .4,
+                  xs[-1] + .4, colors="k", linestyles="--")
+        ax.text(xs[0], 0.98, regime, fontsize=9)
+    ax.set(ylim=(0.45, 1.0), title="generated users: test AUC (dashed: oracle)",
+           xticks=[], xlabel=" / ".join(next(iter(result.get("synthetic", {"": {"models": {}}})
+                                                  .values()))["models"]))
+    ax = axes[0, 1]
+    for i, (kind, models) in enumerate(result.get("movielens", {}).get("splits", {}).items()):
+        names = list(models)
+        for j, metric in enumerate(["auc", "gauc"]):
+            vals = [np.mean(test_values(models[n]["runs"], metric)) for n in names]
+            ax.plot(names, vals, "o-" if j == 0 else "s--", label=f"{kind} {metric}")
+    ax.set(title="MovieLens-100k: test AUC and gAUC")
+    ax.legend(fontsize=8)
+    example = result.get("attention_example")
+    for ax, cand in zip(axes[1], (example or {}).get("candidates", [])):
+        cats = np.array(example["history_cats"])
+        ax.bar(np.arange(len(cats)), cand["weights"],
+               color=np.where(cats == cand["cat"], "C3", "C7"))
+        ax.set(title=f"DIN weights, user {example['user']}: candidate of category "
+               f"#{cand['cat']} (red: same category), clicked {cand['label']}",
+               xlabel="past behaviour (oldest -> latest)", ylabel="w_j")
+        ax.title.set_fontsize(8)
+    fig.tight_layout()
+    common.save_figure(fig, path)
