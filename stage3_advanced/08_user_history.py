@@ -238,7 +238,7 @@ def files_part(args, cfg):
                         "files"), data
 
 
-def speed(kept, data, device):
+def speed(kept, data, device, calls):
     """Training samples/s (the first run of each model) and forward p50/p99 in ms at batch
     1/64/1024, next to the Stage 2 field models on MovieLens's layout (7 ids + a genre bag)."""
     from stage2_ctr.models import FieldSchema, build_model
@@ -252,7 +252,8 @@ def speed(kept, data, device):
                                                          mlp=(200, 80))), fields)
         for n in ("dnn", "deepfm")}
     for name, (model, x) in contenders.items():
-        out[name] = {f"batch {b}": uh.latency(model, x, b, device) for b in (1, 64, 1024)}
+        out[name] = {f"batch {b}": uh.latency(model, x, b, device, calls)
+                     for b in (1, 64, 1024)}
     return out
 
 
@@ -279,7 +280,8 @@ def main(argv=None):
                 if attention is not None:
                     result["attention_example"] = uh.attention_example(
                         kept["attention"].get("din"), attention)
-                    result["speed"] = speed(kept["attention"], attention, args.device)
+                    result["speed"] = speed(kept["attention"], attention, args.device,
+                                            20 if args.quick else 100)
             if "movielens" in args.part_list:
                 result["movielens"] = movielens_part(args, cfg, lgb)
     result["wall_s"] = time.perf_counter() - t0

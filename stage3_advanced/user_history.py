@@ -381,7 +381,8 @@ def plot(result, path):
             vals = [np.mean(test_values(models[n]["runs"], metric)) for n in names]
             ax.plot(names, vals, "o-" if j == 0 else "s--", label=f"{kind} {metric}")
     ax.set(title="MovieLens-100k: test AUC and gAUC")
-    ax.legend(fontsize=8)
+    if result.get("movielens"):
+        ax.legend(fontsize=8)
     example = result.get("attention_example")
     for ax, cand in zip(axes[1], (example or {}).get("candidates", [])):
         cats = np.array(example["history_cats"])

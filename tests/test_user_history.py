@@ -218,7 +218,7 @@ def test_generator_oracle_beats_the_oracle_without_history():
 def test_quick_run_end_to_end(tmp_path):
     chapter = load_script("stage3_advanced/08_user_history.py")
     out = tmp_path / "q.md"
-    result = chapter.main(["--quick", "--users", "400,100,200", "--epochs", "2",
+    result = chapter.main(["--quick", "--users", "300,100,150", "--epochs", "1",
                            "--out", str(out), "--runs-dir", str(tmp_path / "runs")])
     text = out.read_text()
     for name in ("base", "pool", "din", "bst", "oracle (the true p)"):
