@@ -12,7 +12,7 @@ user, averaged) says whether a gain ranks one user's items better or only tells 
 Read with it: stage2_ctr/models/layers.py (the sequence blocks, end of the file),
 models/history.py (the four models), stage3_advanced/behaviour.py (the DIN/DIEN file format,
 MovieLens histories, gAUC), multi_interest.py (the generator), user_history.py (the harness).
-Run:    python stage3_advanced/08_user_history.py            # ~35 min on one core
+Run:    python stage3_advanced/08_user_history.py            # ~45 min on one core
         python stage3_advanced/08_user_history.py --quick    # small attention regime, < 20 s
         python stage3_advanced/08_user_history.py --train T --val V --test S --models base,din
                        # any files in the DIN/DIEN format (e.g. the Amazon Books release)
