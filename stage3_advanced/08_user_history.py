@@ -177,7 +177,8 @@ def synthetic_part(args, cfg, lgb):
         for name in set(CLAIMS[regime]) & set(models):  # the claim's two models: the same
             r = models[name]                             # data set, other training seeds
             r["train_seed_runs"] = [r["runs"][0]] + [
-                train(cfg, sets[0], name, r["picked"], s)[0] for s in args.train_seeds[1:]]
+                train(cfg, sets[0], name, r["picked"], s)[0] for s in args.train_seeds
+                if s != args.gen_seeds[0]]  # that seed's run is runs[0]
         out[regime] = {"models": models, "meta": metas, "rows": {
             k: len(v[1]) for k, v in sets[0].splits.items()}}
         if regime == "attention" and "din" in models and "din_prelu" not in models:
