@@ -331,6 +331,7 @@ def main(argv=None):
     args = parse_args(argv)
     for folder, flag in [(Path(args.out).parent, "--out"), (args.runs_dir, "--runs-dir")]:
         common.check_writable(folder, flag)
+    setup(args.threads, args.seeds[0])  # torch seeds itself at random: the first model's init
     t0, results, curve = time.perf_counter(), {}, []
     for regime in args.regimes:
         results[regime] = {}
