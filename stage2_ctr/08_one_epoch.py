@@ -129,6 +129,14 @@ def curves_part(args, regime, rows, pool, log):
             for m in args.model_list}
 
 
+def rare_of(args, regime, rows):
+    """one_epoch.rare_share of the first data set's training split (table rows as the model
+    sees them: hashed, 2^hash_bits)."""
+    train = data_sets(args, regime, rows)[0] / "train.txt"
+    stats = dense_stats(None, [str(train)], 0, print)
+    return one_epoch.rare_share(one_epoch.read_split([train], args.hash_bits, stats)[1])
+
+
 def factor_settings(args):
     """(factor, setting, TrainConfig changes): Zhang et al.'s list, one change at a time."""
     table = {"optimizer": [("adagrad", f"Adagrad lr {x:g}", {"optimizer": "adagrad", "lr": x})
@@ -180,7 +188,8 @@ def fix_part(args, base, pool, log):
 
 # ------------------------------------------------------------------- in memory: MovieLens
 def movielens_part(args):
-    """{model: [{"history": ...} per split seed]}: MovieLens-100k as a click task (05's
+    """({model: [{"history": ...} per split seed]}, rare_share of the first split's training
+    ids): MovieLens-100k as a click task (05's
     protocol), random 8:1:1 split per seed, Adam, a fresh order every epoch."""
     folder = Path(args.movielens_dir)
     try:
@@ -192,13 +201,14 @@ def movielens_part(args):
     task = movielens.click_task(movielens.read_frame(folder, say=lambda *a: None))
     if args.movielens_rows:
         task = task.iloc[:args.movielens_rows].reset_index(drop=True)
-    out = {m: [] for m in args.model_list}
+    out, rare = {m: [] for m in args.model_list}, None
     for seed in args.data_seeds:
         idx = movielens.split(task, "random", seed=seed)
         sparse, y, schema, _ = movielens.encode(task, idx)
         sparse, y = torch.from_numpy(sparse.copy()), torch.from_numpy(y.copy())
         train, val = ((torch.zeros(len(idx[s]), 0), sparse[idx[s]], y[idx[s]])
                       for s in ("train", "val"))
+        rare = rare if rare is not None else one_epoch.rare_share(train[1][:, :schema.n_sparse])
         for m in args.model_list:
             torch.manual_seed(seed)
             model = build_model(m, schema, emb_dim=args.emb_dim, mlp=tuple(args.mlp),
@@ -210,7 +220,7 @@ def movielens_part(args):
         print(f"  MovieLens split seed {seed}: " + ", ".join(
             f"{m} drop {one_epoch.shape_of(out[m][-1]['history'])['drop']:+.4f}"
             for m in args.model_list), flush=True)
-    return out
+    return out, rare
 
 
 # ------------------------------------------------------------------- in memory: the probe
@@ -247,19 +257,21 @@ def main(argv=None):
     t0 = time.perf_counter()
     common.set_threads(1)
     log = {"runs": 0, "reused": 0, "train_s": 0.0, "seen": {}}
-    parts = {}
+    parts = {"rare": {}}
     pool = (ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) if args.jobs > 1
             else InProcess())
     want = set(args.part_list)
     if want & {"curves", "factors", "fix"}:
         print("curves: the demo's data (lowrank), every model", flush=True)
         parts["curves"] = curves_part(args, "lowrank", args.rows, pool, log)
+        parts["rare"]["curves"] = rare_of(args, "lowrank", args.rows)
     if "regime" in want:
         print(f"curves: the {args.regime} regime", flush=True)
         parts["regime"] = curves_part(args, args.regime, args.regime_rows, pool, log)
+        parts["rare"]["regime"] = rare_of(args, args.regime, args.regime_rows)
     if "movielens" in want:
         print("curves: MovieLens-100k", flush=True)
-        parts["movielens"] = movielens_part(args)
+        parts["movielens"], parts["rare"]["movielens"] = movielens_part(args)
     if "factors" in want and "deepfm" in args.model_list:
         print("factors: DeepFM, first data set", flush=True)
         parts["factors"] = factors_part(args, parts["curves"]["deepfm"][0], pool, log)

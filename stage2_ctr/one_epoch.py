@@ -91,6 +91,14 @@ def read_split(files, hash_bits, stats, rows=None):
     return (dense[:rows], sparse[:rows], label[:rows]) if rows else (dense, sparse, label)
 
 
+def rare_share(ids, below=10):
+    """Share of the id occurrences (rows x id fields) whose id occurs fewer than `below` times
+    in these rows: how many of the rows carry ids the model barely sees (sparsity)."""
+    ids = ids[ids >= 0]
+    counts = torch.bincount(ids)
+    return (counts[ids] < below).float().mean().item()
+
+
 def logloss_of(model, split, batch=16384):
     """Mean BCE of a model on (dense, sparse, label), and the logits."""
     model.eval()
@@ -177,7 +185,7 @@ def _f(x, digits=4):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def curve_lines(title, runs, n_seeds, what):
+def curve_lines(title, runs, n_seeds, what, rare=None):
     """The table of one data family: per model the val AUC at each epoch's end, the first
     evaluation of epoch 2, the drop, the best epoch per data set, test AUC of the best step."""
     rows = per_model(runs)
@@ -195,7 +203,10 @@ def curve_lines(title, runs, n_seeds, what):
                              if s["epoch2_first"] is not None]),
             common.mean_std(r["drop"]), ", ".join(str(s["best_epoch"]) for s in r["shapes"]),
             common.mean_std([t for t in r["test"] if t is not None])] for r in rows])
-    lines += ["", f"Mean ± std over {n_seeds} data sets; best epoch listed per data set."]
+    lines += ["", f"Mean ± std over {n_seeds} data sets; best epoch listed per data set."
+              + (f" Sparsity (first data set): {rare:.1%} of the training rows' id occurrences "
+                 "are of ids seen fewer than 10 times in the training split." if rare is not None
+                 else "")]
     lines += [f"- {v}" for v in verdict(rows)] + [""]
     return lines
 
@@ -282,15 +293,18 @@ def write_report(args, parts, log, seconds):
              "of epoch 2.", ""]
     if "curves" in parts:
         lines += curve_lines("The demo's data (lowrank regime)", parts["curves"], n,
+                             rare=parts.get("rare", {}).get("curves"), what=
                              f"{args.rows:,} rows (8:1:1) per data set, generator seeds "
                              f"{', '.join(map(str, args.data_seeds))} (seed 0 is `make demo`'s "
                              "data).")
     if "regime" in parts:
         lines += curve_lines(f"The {args.regime} regime", parts["regime"], n,
+                             rare=parts.get("rare", {}).get("regime"), what=
                              f"{args.regime_rows:,} rows per data set, generator seeds "
                              f"{', '.join(map(str, args.data_seeds))}.")
     if "movielens" in parts:
         lines += curve_lines("MovieLens-100k", parts["movielens"], n,
+                             rare=parts.get("rare", {}).get("movielens"), what=
                              "05_movielens.py's click task, random 8:1:1 split with seeds "
                              f"{', '.join(map(str, args.data_seeds))}, batch 1024, a fresh "
                              "order every epoch (in memory; no test column).")

@@ -109,3 +109,19 @@ def test_chapter_quick_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "quick" / "stage2_one_epoch.png").stat().st_size > 1000
     assert len(parts["curves"]["deepfm"]) == 2 and len(parts["fix"]["deepfm"]["reinit"]) == 2
     assert "Machine: CPU" in text and "08_one_epoch.py --quick" in text
+
+
+def test_summary_names_the_best_epoch_and_the_chapter(tmp_path):
+    import summary
+    run = tmp_path / "ctr_deepfm_s0"
+    run.mkdir()
+    history = [{"step": 79, "val_auc": 0.7864, "epoch": 1, "epoch_end": True},
+               {"step": 158, "val_auc": 0.7491, "epoch": 2, "epoch_end": True}]
+    (run / "metrics.json").write_text(json.dumps({
+        "script": "stage2_ctr/train_ctr.py", "model": "deepfm", "device": "cpu",
+        "splits": {"test": {"auc": 0.79, "logloss": 0.45}}, "train_samples_per_s": 1.0,
+        "best_step": 79, "best_epoch": 1, "history": history}))
+    lines = summary.main(["--runs-dir", str(tmp_path), "--data-dir", str(tmp_path)])
+    line = next(x for x in lines if "best epoch" in x)
+    assert "best epoch 1 of 2" in line and "0.7864 -> 0.7491" in line
+    assert "stage2_ctr/08_one_epoch.py" in line
