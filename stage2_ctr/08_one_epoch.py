@@ -12,7 +12,7 @@ before and hurts unseen rows); and whether re-drawing the embedding tables at ev
 Read with it: stage2_ctr/one_epoch.py (reading curves, the in-memory loop, the probe, the
 report), train_ctr.py (--evals-per-epoch, --optimizer, --reinit-emb), training.py
 (make_optimizers, reset_embeddings), stage2_ctr/README.md (what it means).
-Run:    python stage2_ctr/08_one_epoch.py            # ~40 min on one core (fetches MovieLens once)
+Run:    python stage2_ctr/08_one_epoch.py            # ~30 min on one core (fetches MovieLens once)
         python stage2_ctr/08_one_epoch.py --quick    # a smoke test, < 1 min
         python stage2_ctr/08_one_epoch.py --parts curves,fix --models deepfm
         A finished trainer run (runs/oe_*/metrics.json with the same config and data
@@ -43,8 +43,9 @@ from stage2_ctr.train_ctr import TrainConfig, dense_stats  # noqa: E402
 HERE = Path(__file__).resolve().parent
 PARTS = ["curves", "regime", "movielens", "factors", "probe", "fix"]
 # what --quick changes, for the flags the command line does not set itself
-QUICK = dict(rows=8000, regime_rows=6000, data_seeds=[0, 1], models="fm,deepfm", epochs=2,
-             evals_per_epoch=2, hash_bits=14, adagrad_lrs=[0.05], sgd_lrs=[0.3],
+QUICK = dict(rows=5000, regime_rows=4000, data_seeds=[0, 1], models="fm,deepfm", epochs=2,
+             evals_per_epoch=2, hash_bits=12, mlp=(32,), emb_dim=4, batch_size=1000,
+             adagrad_lrs=[0.05], sgd_lrs=[0.3],
              factors="min_count", probe_models="deepfm", fix_models="deepfm",
              movielens_rows=0)
 

@@ -157,6 +157,7 @@ def boundary_probe(make_model, train, val, lr, batch_size, seed, quarter=4, seen
     in epoch 2, seen in epoch 1 too); unseen rows: validation. For each, the change of logloss
     from A to B, and split by where it comes from: B's tables with A's dense part (MLP, cross,
     dense vectors, biases), and A's tables with B's dense part."""
+    torch.manual_seed(seed)  # the initial draw too: the probe is the same whatever ran before
     model = make_model()
     per_epoch = -(-len(train[2]) // batch_size)
     part = max(per_epoch // quarter, 1)
