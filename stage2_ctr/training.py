@@ -101,9 +101,13 @@ def reset_embeddings(model, optimizers):
     run's (Adam's step count and moments included); the MLP, cross layers, dense-field vectors
     and their optimizer state are kept. Returns the number of tables reset."""
     tables = [m for m in model.modules() if hasattr(m, "reset_table")]
+    weights = {id(e.weight) for m in tables for e in m.modules() if isinstance(e, nn.Embedding)}
+    if any(isinstance(e, nn.Embedding) and id(e.weight) not in weights for e in model.modules()):
+        raise ValueError(f"{type(model).__name__} has embedding tables that cannot be drawn "
+                         "afresh (no reset_table in their block): --reinit-emb covers the "
+                         "Stage 2 models (FeatureEmbedding, FeatureLinear)")
     for m in tables:
         m.reset_table()
-    weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for opt in optimizers:
         for p in [p for p in opt.state if id(p) in weights]:
             del opt.state[p]

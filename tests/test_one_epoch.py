@@ -125,3 +125,10 @@ def test_summary_names_the_best_epoch_and_the_chapter(tmp_path):
     line = next(x for x in lines if "best epoch" in x)
     assert "best epoch 1 of 2" in line and "0.7864 -> 0.7491" in line
     assert "stage2_ctr/08_one_epoch.py" in line
+
+
+def test_reinit_refuses_tables_it_cannot_draw_afresh():
+    model = torch.nn.Sequential(build_model("fm", criteo_schema(8), emb_dim=2),
+                                torch.nn.Embedding(5, 2))
+    with pytest.raises(ValueError, match="cannot be drawn afresh"):
+        reset_embeddings(model, [])
