@@ -91,7 +91,7 @@ def stage2(runs, data):
 
     def epochs_line(m):
         """Which epoch was best (train_ctr records it), and the chapter that says why."""
-        ends = [h["val_auc"] for h in m["history"] if h.get("epoch_end")]
+        ends = [h["val_auc"] for h in m.get("history", []) if h.get("epoch_end")]
         if m.get("best_epoch") is None or len(ends) < 2:
             return []
         return [f"    best epoch {m['best_epoch']} of {len(ends)} (val AUC at the epoch ends "

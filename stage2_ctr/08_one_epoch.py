@@ -35,13 +35,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import movielens, one_epoch  # noqa: E402
+from stage2_ctr import movielens, one_epoch, synthetic  # noqa: E402
 from stage2_ctr.compare import dataset, run_all  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
 from stage2_ctr.train_ctr import TrainConfig, dense_stats  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PARTS = ["curves", "regime", "movielens", "factors", "probe", "fix"]
+FACTORS = ["optimizer", "lr", "min_count", "hash_bits", "emb_dim", "dropout", "weight_decay"]
 # what --quick changes, for the flags the command line does not set itself
 QUICK = dict(rows=5000, regime_rows=4000, data_seeds=[0, 1], models="fm,deepfm", epochs=2,
              evals_per_epoch=2, hash_bits=12, mlp=(32,), emb_dim=4, batch_size=1000,
@@ -59,7 +60,8 @@ def parse_args(argv=None):
                    help="generator seeds (one data set each); MovieLens: its split seeds")
     p.add_argument("--rows", type=common.positive_int, default=200_000,
                    help="rows of the demo's (lowrank) data sets, split 8:1:1")
-    p.add_argument("--regime", default="dot", help="the second interaction regime (synthetic.py)")
+    p.add_argument("--regime", choices=synthetic.REGIMES, default="dot",
+                   help="the second interaction regime (synthetic.py)")
     p.add_argument("--regime-rows", type=common.positive_int, default=100_000)
     p.add_argument("--epochs", type=common.checked(int, lambda v: v >= 2, ">= 2"), default=3)
     p.add_argument("--evals-per-epoch", type=common.positive_int, default=4)
@@ -70,8 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--cross-layers", type=common.positive_int, default=2)
     p.add_argument("--hash-bits", type=common.checked(int, lambda v: 8 <= v <= 24, "in [8, 24]"),
                    default=20)
-    p.add_argument("--factors", default="optimizer,lr,min_count,hash_bits,emb_dim,dropout,"
-                   "weight_decay", help="the factor table's rows (DeepFM, first data seed)")
+    p.add_argument("--factors", default=",".join(FACTORS),
+                   help="the factor table's rows (DeepFM, first data seed)")
     p.add_argument("--adagrad-lrs", type=common.positive_float_list, default=[0.02, 0.05, 0.1])
     p.add_argument("--sgd-lrs", type=common.positive_float_list, default=[0.1, 0.2, 0.5],
                    help="SGD with momentum 0.9")
@@ -91,8 +93,11 @@ def parse_args(argv=None):
     args.part_list = [x for x in args.parts.split(",") if x]
     args.model_list = [m for m in args.models.split(",") if m]
     lists = [args.model_list, args.probe_models.split(","), args.fix_models.split(",")]
-    if set(args.part_list) - set(PARTS) or any(set(x) - set(MODELS) for x in lists):
-        p.error(f"--parts from {','.join(PARTS)}; models from {','.join(MODELS)}")
+    factors = set(x for x in args.factors.split(",") if x)
+    if set(args.part_list) - set(PARTS) or any(set(x) - set(MODELS) for x in lists) or \
+            factors - set(FACTORS):
+        p.error(f"--parts from {','.join(PARTS)}; models from {','.join(MODELS)}; --factors "
+                f"from {','.join(FACTORS)}")
     argv = sys.argv[1:] if argv is None else argv
     args.command = common.command_line(__file__, argv)
     args.out_dir = Path(common.results_folder(argv, args.quick))

@@ -13,6 +13,15 @@ from stage2_ctr.train_ctr import TrainConfig, train
 from stage2_ctr.training import make_optimizers, make_step, reset_embeddings
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: a second intra-op thread only waits for the first."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _batch(n=64, bits=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 13, generator=g), torch.randint(0, 2 ** bits, (n, 26), generator=g),
@@ -99,6 +108,9 @@ def test_chapter_quick_end_to_end(tmp_path, monkeypatch):
     from test_movielens import make_fixture
     ml = make_fixture(tmp_path / "ml", n_users=40, n_items=50, n_ratings=1500)
     monkeypatch.setattr(common, "RUNS", tmp_path / "runs")
+    # each trainer run's own curves.png is not the chapter's output: half the test's time
+    from stage2_ctr import train_ctr
+    monkeypatch.setattr(train_ctr, "plot_curves", lambda history, path: None)
     chapter = load_script("stage2_ctr/08_one_epoch.py")
     parts = chapter.main(["--quick", "--data-dir", str(tmp_path / "d"), "--runs-dir",
                           str(tmp_path / "runs"), "--movielens-dir", str(ml)])
