@@ -90,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="batches 256 and 4096, one seed, 2 epochs, 1 repeat: the code path")
     p.add_argument("--runs-dir", default=str(common.RUNS))
+    p.add_argument("--out-dir", default=None, help="where the table and plot go (default "
+                   "results/ for the default run, runs/quick/ or runs/partial/ otherwise)")
     args = p.parse_args(argv)
     given = set(common.non_default_flags(argv))
     cfg = replace(d, npz=args.npz, batch_sizes=tuple(args.batch_sizes), seeds=tuple(args.seeds),
@@ -102,6 +104,7 @@ def parse_args(argv=None):
                          if f"--{k.replace('_', '-')}" not in given})
     out = common.results_file(argv, args.quick, "stage1_dataloader",  # the device: in the name
                               common.resolve_device(cfg.device), HARMLESS)
+    out = Path(args.out_dir) / out.name if args.out_dir else out
     return cfg, out, Path(args.runs_dir), common.command_line(__file__, argv)
 
 

@@ -1,4 +1,4 @@
-"""Stage 2, step 8: sparse rows + RowSparseAdam or a dense table + AdamW - does the choice move AUC?
+"""Stage 2, step 9: sparse rows + RowSparseAdam or a dense table + AdamW - does the choice move AUC?
 
 What you learn here: `train_ctr.py --sparse-emb auto` picks the embedding optimizer by device -
 sparse gradients and RowSparseAdam (lazy Adam: only the rows of the batch move) on the CPU,
@@ -9,8 +9,8 @@ the difference is the optimizer's alone; and whether a GPU run of `make stage2` 
 committed AUCs follows from it.
 
 Read with it: stage2_ctr/training.py (make_optimizers), models/optim.py (RowSparseAdam).
-Run:    python stage2_ctr/08_sparse_or_dense.py            # ~10 min on one core
-        python stage2_ctr/08_sparse_or_dense.py --quick    # 20k rows, one seed: the code path
+Run:    python stage2_ctr/09_sparse_or_dense.py            # ~10 min on one core
+        python stage2_ctr/09_sparse_or_dense.py --quick    # 20k rows, one seed: the code path
 Writes: results/stage2_sparse_dense.md (only the default run; --quick: runs/quick/, other
         flags runs/partial/), runs/stage2_sparse_dense/metrics.json
 """
@@ -45,9 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="20k rows, FM, one seed per kind")
     p.add_argument("--data-dir", default=str(HERE / "data"))
     p.add_argument("--runs-dir", default=str(common.RUNS))
+    p.add_argument("--out-dir", default=None, help="where the table goes (default results/ for "
+                   "the default run, runs/quick/ or runs/partial/ otherwise)")
     args = common.parse_with_quick(p, argv, dict(rows=20_000, models=["fm"], seeds=[0],
                                                  data_seeds=[0]))
     args.out = common.results_file(argv, args.quick, "stage2_sparse_dense")
+    args.out = Path(args.out_dir) / args.out.name if args.out_dir else args.out
     return args
 
 
@@ -82,7 +85,7 @@ def main(argv=None):
     common.require_finite({k: v["test_auc"] for k, v in results.items()}, "a test AUC")
     common.write_text(args.out, "\n".join(lines) + "\n")
     common.write_json(Path(args.runs_dir) / "stage2_sparse_dense" / "metrics.json", {
-        "script": "stage2_ctr/08_sparse_or_dense.py", "command": common.command_line(
+        "script": "stage2_ctr/09_sparse_or_dense.py", "command": common.command_line(
             __file__, argv), "results": results, "wall_s": seconds})
     print("\n".join(lines))
     print(f"wrote {args.out}")
