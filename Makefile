@@ -27,8 +27,8 @@ THREADS ?= 2
 help:
 	@echo "make demo    run Stage 0 -> 1 -> 2 -> 3 (quick) on shipped/synthetic data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
-	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
-	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks (~100 min)"
+	@echo "make stage1  Stage 1 in full: the encoding table, the wB trade-off sweep, DataLoader tuning (~22 min)"
+	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks, sparse vs dense (~110 min)"
 	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency (~60 min)"
 	@echo "make gpu     the prepared GPU run (CUDA machines; ~30 GB disk, ~16 GB RAM, ~8 GB GPU memory):"
 	@echo "             check_env --require-cuda, 07_gpu.py -> results/gpu.md, then Stage 1 06 and"
@@ -71,6 +71,7 @@ stage1: venv
 	$(PY) stage1_adult/02_preprocess.py --keep-leaky
 	$(PY) stage1_adult/04_mtml_tradeoff.py --threads $(THREADS)
 	$(PY) stage1_adult/05_what_matters.py --threads $(THREADS)
+	$(PY) stage1_adult/06_dataloader_tuning.py
 
 stage2: venv
 	$(PY) stage2_ctr/01_make_subset.py --synthetic 2000000 --val-frac 0 --test-frac 0 \
@@ -82,6 +83,7 @@ stage2: venv
 	$(PY) stage2_ctr/07_binary_cache.py stage2_ctr/data/bench2m/train.txt \
 	    --out stage2_ctr/data/bench2m/train.bin
 	$(PY) stage2_ctr/07_binary_cache.py --read stage2_ctr/data/bench2m/train.bin
+	$(PY) stage2_ctr/09_sparse_or_dense.py
 
 stage3: venv
 	$(PY) stage1_adult/02_preprocess.py

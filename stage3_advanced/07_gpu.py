@@ -65,8 +65,8 @@ def shm_fit(workers, batch_sizes, free_bytes):
     if fit >= workers:
         return workers, None
     return max(1, fit), (f"note: /dev/shm has {free_bytes / 2**20:,.0f} MB free; {workers} loader "
-                         f"workers x {PREFETCH} prefetched items of {item / 2**20:.0f} MB need "
-                         f"{workers * PREFETCH * item / 2**20:,.0f} MB (a bus error): using "
+                         f"workers x {PREFETCH} prefetched items of {item / 2**20:.1f} MB need "
+                         f"{workers * PREFETCH * item / 2**20:,.0f} MB, more than fits: using "
                          f"{max(1, fit)} worker(s); give the container more (docker "
                          f"--shm-size=2g) for more")
 
