@@ -28,9 +28,9 @@ help:
 	@echo "make demo    run Stage 0 -> 1 -> 2 -> 3 (quick) on shipped/synthetic data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table, the wB trade-off sweep, DataLoader tuning (~22 min)"
-	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks, sparse vs dense (~110 min)"
-	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency (~60 min)"
-	@echo "make gpu     the prepared GPU run (CUDA machines; ~30 GB disk, ~16 GB RAM, ~8 GB GPU memory):"
+	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks, the one-epoch phenomenon, sparse vs dense (~155 min)"
+	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency, user history (~100 min)"
+	@echo "make gpu     the prepared GPU run (CUDA machines; estimated ~10 GB disk, ~12 GB RAM, ~8 GB GPU memory):"
 	@echo "             check_env --require-cuda, 07_gpu.py -> results/gpu.md, then Stage 1 06 and"
 	@echo "             Stage 3 06 on --device cuda -> results/*_cuda.md (CPU tables stay)"
 	@echo "make ... PY=python  use the interpreter of any environment (default: an active env with torch, else .venv)"
@@ -83,6 +83,7 @@ stage2: venv
 	$(PY) stage2_ctr/07_binary_cache.py stage2_ctr/data/bench2m/train.txt \
 	    --out stage2_ctr/data/bench2m/train.bin
 	$(PY) stage2_ctr/07_binary_cache.py --read stage2_ctr/data/bench2m/train.bin
+	$(PY) stage2_ctr/08_one_epoch.py
 	$(PY) stage2_ctr/09_sparse_or_dense.py
 
 stage3: venv
@@ -93,6 +94,7 @@ stage3: venv
 	$(PY) stage3_advanced/04_imbalance.py --make-data --threads $(THREADS)
 	$(PY) stage3_advanced/05_throughput.py --threads $(THREADS)
 	$(PY) stage3_advanced/06_latency.py
+	$(PY) stage3_advanced/08_user_history.py --threads 1
 
 gpu: venv
 	$(PY) envs/check_env.py --require-cuda

@@ -22,6 +22,7 @@ Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,8 +38,9 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from stage2_ctr import binary_cache, criteo, train_stats  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
-from stage2_ctr.training import (amp_dtype, autocast_for, cpu_has_native_bf16,  # noqa: E402
-                                 make_optimizers, make_step, predict)
+from stage2_ctr.training import (OPTIMIZERS, amp_dtype, autocast_for,  # noqa: E402
+                                 cpu_has_native_bf16, make_optimizers, make_step, predict,
+                                 reset_embeddings)
 
 DATA = Path(__file__).resolve().parent / "data" / "synthetic"
 # ------------------------------------------------------------------------------------ config
@@ -65,14 +67,17 @@ class TrainConfig:
     dropout: float = 0.0
     weight_decay: float = 0.0   # dense parameters only (AdamW; see training.make_optimizers)
     decoupled_wd: bool = True   # False: Adam with L2 in the gradient (for the comparison only)
+    optimizer: str = "adam"     # adam | adagrad | sgd (momentum 0.9): training.make_optimizers
+    reinit_emb: bool = False    # re-draw the embedding tables (+ their optimizer state) per epoch
     sparse_emb: str = "auto"    # sparse gradients + RowSparseAdam for the tables (auto: CPU)
     amp: str = "auto"           # off | bf16 | auto: bf16 where the device multiplies it natively
-    #                             (results/stage2_precision.md: 2x on avx512_bf16, 0.06x without)
+    #                             (results/stage2_precision.md: faster on avx512_bf16, 0.06x without)
     preload: str = "none"       # none | device: the whole train split in device memory
     compile: bool = False
     num_workers: int = 1
     shuffle_buffer: int = 0
     eval_every: int = 0         # 0: validate at the end of each epoch
+    evals_per_epoch: int = 0    # N > 1: also validate N - 1 times evenly inside each epoch
     patience: int = 2
     ckpt_every: int = 0
     threads: int = 0
@@ -122,6 +127,13 @@ def parse_args(argv=None):
                    help="AdamW weight decay of the dense parameters")
     p.add_argument("--l2", dest="decoupled_wd", action="store_false",
                    help="Adam with L2 in the gradient instead of AdamW (to compare the two)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="adam: AdamW + RowSparseAdam (the rule); adagrad; sgd: momentum 0.9 "
+                        "(08_one_epoch.py compares them)")
+    p.add_argument("--reinit-emb", action="store_true",
+                   help="at the start of every epoch after the first, draw the embedding tables "
+                        "afresh and drop their optimizer state; the MLP is kept (MEDA, "
+                        "08_one_epoch.py)")
     p.add_argument("--sparse-emb", choices=["auto", "on", "off"], default=d.sparse_emb,
                    help="sparse gradients + RowSparseAdam for the tables (auto: on for CPU)")
     p.add_argument("--amp", choices=["off", "bf16", "auto"], default=d.amp,
@@ -137,6 +149,9 @@ def parse_args(argv=None):
                    help="rows shuffled together")
     p.add_argument("--eval-every", type=common.non_negative_int, default=d.eval_every,
                    help="validate every N steps (0: at the end of each epoch)")
+    p.add_argument("--evals-per-epoch", type=common.non_negative_int, default=d.evals_per_epoch,
+                   help="validate N times per epoch, evenly spaced, the last at its end (0 or "
+                        "1: at the end only)")
     p.add_argument("--patience", type=common.positive_int, default=d.patience,
                    help="evaluations without a val AUC gain before stopping")
     p.add_argument("--ckpt-every", type=common.non_negative_int, default=d.ckpt_every,
@@ -314,7 +329,8 @@ def build(cfg, device):
     model = build_model(cfg.model, criteo_schema(cfg.hash_bits), emb_dim=cfg.emb_dim,
                         mlp=cfg.mlp, dropout=cfg.dropout, cross_layers=cfg.cross_layers,
                         sparse=sparse).to(device)
-    optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay, cfg.decoupled_wd)
+    optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay, cfg.decoupled_wd,
+                                 kind=cfg.optimizer)
     train_model = torch.compile(model) if cfg.compile else model
     if dist.is_initialized():
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -383,6 +399,35 @@ def load_last(path, model, optimizers, device, cfg):
     return ckpt["state"]
 
 
+def eval_batches(cfg, world):
+    """--evals-per-epoch N: the batch counts inside an epoch after which to validate (the epoch's
+    end is validated anyway). The epoch's length is counted once from the train split (its rows
+    / world / batch size, rounded up: exact for one process and one loader worker, about right
+    otherwise - a point misses its fraction by a batch at most)."""
+    if cfg.evals_per_epoch < 2:
+        return set()
+    if binary_cache.is_cache(cfg.train[0]):
+        rows = json.loads((Path(cfg.train[0]) / "meta.json").read_text())["rows"]
+    else:
+        rows = criteo.scan(cfg.train)["rows"]
+    n = math.ceil(rows / world / cfg.batch_size)
+    return {round(k * n / cfg.evals_per_epoch) for k in range(1, cfg.evals_per_epoch)} - {0, n}
+
+
+def reinit_at_epoch_start(cfg, epoch, batches_in_epoch, model, optimizers, say):
+    """--reinit-emb: before the first batch of every epoch after the first (also after a resume
+    from an epoch's end, where last.pt holds the tables of the epoch before)."""
+    if cfg.reinit_emb and epoch > 0 and batches_in_epoch == 0:
+        n = reset_embeddings(model, optimizers)
+        say(f"epoch {epoch + 1}: {n} embedding table(s) drawn afresh, their optimizer state "
+            "dropped (--reinit-emb)")
+
+
+def best_epoch_of(history, best_step):
+    """The (1-based) epoch in which the best validation step fell, None before any eval."""
+    return next((h.get("epoch") for h in history if h["step"] == best_step), None)
+
+
 # ------------------------------------------------------------------------------ the run
 def train(cfg, resume=False, quiet=False):
     """One training run; returns the metrics dict that it writes to runs/<name>/metrics.json."""
@@ -407,6 +452,7 @@ def train(cfg, resume=False, quiet=False):
         say("notice: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16/amx_bf16): "
             "expect it to run several times slower than fp32 (results/stage2_precision.md)")
     step_fn = make_step(train_model, optimizers, autocast=autocast)
+    evals_inside = eval_batches(cfg, world)
 
     # the run folder, and where to start: from scratch or from last.pt (--resume)
     run_dir = Path(cfg.runs_dir) / cfg.run_name
@@ -439,6 +485,7 @@ def train(cfg, resume=False, quiet=False):
         t0, reports = time.perf_counter(), []
         batches = epoch_batches(train_stream, epoch, cfg.num_workers, cfg.batch_size, cfg.seed,
                                 device, reports)
+        reinit_at_epoch_start(cfg, epoch, batches_in_epoch, model, optimizers, say)
         for i, ((dense, sparse_ids, label), last) in enumerate(batches):
             if i < batches_in_epoch:
                 continue  # resume: the stream is deterministic, skip what already ran
@@ -461,12 +508,14 @@ def train(cfg, resume=False, quiet=False):
             # evaluate (and keep the best model): every eval_every steps, at each epoch end,
             # at max_steps; stop when val AUC has not improved for `patience` evaluations
             at_max = cfg.max_steps and step >= cfg.max_steps
-            if last or at_max or (cfg.eval_every and step % cfg.eval_every == 0):
+            if last or at_max or (cfg.eval_every and step % cfg.eval_every == 0) or (
+                    batches_in_epoch in evals_inside):
                 train_seconds += time.perf_counter() - t0
                 val = evaluate(model, val_stream, device, autocast)
                 train_loss = loss_sum.item() / max(loss_n, 1)
                 history.append({"step": step, "train_loss": train_loss, "val_auc": val["auc"],
-                                "val_logloss": val["logloss"]})
+                                "val_logloss": val["logloss"], "epoch": epoch + (not last),
+                                "epoch_end": bool(last)})
                 if val["auc"] > best_auc:
                     best_auc, best_step, bad_evals = val["auc"], step, 0
                     if rank == 0:
@@ -506,7 +555,8 @@ def train(cfg, resume=False, quiet=False):
                "dataset": Path(cfg.train[0]).parent.name, "device": str(device),
                "seed": cfg.seed, "world_size": world, "config": asdict(cfg), "splits": splits,
                "precision": "bf16" if autocast else "fp32",  # what --amp resolved to here
-               "best_step": best_step, "steps": step, "history": history, "bad_rows": bad_rows,
+               "best_step": best_step, "best_epoch": best_epoch_of(history, best_step),
+               "steps": step, "history": history, "bad_rows": bad_rows,
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_samples_per_s": samples / max(train_seconds, 1e-9),
                "peak_rss_mb": common.peak_rss_mb(),
@@ -541,7 +591,9 @@ def plot_curves(history, path):
 
 
 def report(m, run_dir):
-    print(f"{m['model']}: {m['steps']} steps, best at {m['best_step']}, "
+    epochs_run = max((h.get("epoch", 0) for h in m["history"]), default=0)
+    print(f"{m['model']}: {m['steps']} steps, best at step {m['best_step']} (epoch "
+          f"{m['best_epoch']} of the {epochs_run} run), "
           f"{m['train_samples_per_s']:,.0f} train samples/s, peak RSS {m['peak_rss_mb']:,.0f} MB")
     print(f"{'split':<6}{'AUC':>8}{'logloss':>9}{'oracle AUC':>12}{'gap':>8}")
     for name, s in m["splits"].items():
