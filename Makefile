@@ -1,16 +1,22 @@
 # ML-Playground: two commands on a fresh clone.
 #   make demo   set up .venv if missing, then run the stages in order on the shipped data
 #   make test   set up .venv, then run the pytest suite
-# GPU users: `conda env create -f envs/mtml.yaml && conda activate mtml`, then `make demo`:
-# inside the activated `mtml` env the Makefile uses it instead of creating .venv.
+# Any environment works: `make demo PY=python` (or PY=/path/to/python) uses that interpreter;
+# without PY, an activated venv or conda env (VIRTUAL_ENV / CONDA_PREFIX) whose python has torch
+# is used (e.g. `conda env create -f envs/mtml.yaml && conda activate mtml && make demo`);
+# otherwise .venv is created and used.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-ifeq ($(CONDA_DEFAULT_ENV),mtml)
-PY ?= $(CONDA_PREFIX)/bin/python
-else
-PY ?= .venv/bin/python
+ACTIVE_ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX))
+ifndef PY
+ifneq ($(ACTIVE_ENV),)
+ifeq ($(shell "$(ACTIVE_ENV)/bin/python" -c "import torch" 2>/dev/null && echo yes),yes)
+PY := $(ACTIVE_ENV)/bin/python
 endif
+endif
+endif
+PY ?= .venv/bin/python
 PYTHON_BOOTSTRAP ?= python3
 # torch==2.13.0 is a CPU build on this project's CI machines; a user may set e.g.
 # TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu" for a small CPU build.
@@ -21,10 +27,13 @@ THREADS ?= 2
 help:
 	@echo "make demo    run Stage 0 -> 1 -> 2 -> 3 (quick) on shipped/synthetic data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
-	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
-	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks, the one-epoch phenomenon (~130 min)"
+	@echo "make stage1  Stage 1 in full: the encoding table, the wB trade-off sweep, DataLoader tuning (~22 min)"
+	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks, the one-epoch phenomenon, sparse vs dense (~155 min)"
 	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency, user history (~100 min)"
-	@echo "make gpu     the prepared GPU run (stage3_advanced/07_gpu.py -> results/gpu.md; CUDA machines)"
+	@echo "make gpu     the prepared GPU run (CUDA machines; estimated ~10 GB disk, ~12 GB RAM, ~8 GB GPU memory):"
+	@echo "             check_env --require-cuda, 07_gpu.py -> results/gpu.md, then Stage 1 06 and"
+	@echo "             Stage 3 06 on --device cuda -> results/*_cuda.md (CPU tables stay)"
+	@echo "make ... PY=python  use the interpreter of any environment (default: an active env with torch, else .venv)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
 
 # The venv is (re)built when requirements.txt changes; a stamp file records the last install.
@@ -62,6 +71,7 @@ stage1: venv
 	$(PY) stage1_adult/02_preprocess.py --keep-leaky
 	$(PY) stage1_adult/04_mtml_tradeoff.py --threads $(THREADS)
 	$(PY) stage1_adult/05_what_matters.py --threads $(THREADS)
+	$(PY) stage1_adult/06_dataloader_tuning.py
 
 stage2: venv
 	$(PY) stage2_ctr/01_make_subset.py --synthetic 2000000 --val-frac 0 --test-frac 0 \
@@ -74,6 +84,7 @@ stage2: venv
 	    --out stage2_ctr/data/bench2m/train.bin
 	$(PY) stage2_ctr/07_binary_cache.py --read stage2_ctr/data/bench2m/train.bin
 	$(PY) stage2_ctr/08_one_epoch.py
+	$(PY) stage2_ctr/09_sparse_or_dense.py
 
 stage3: venv
 	$(PY) stage1_adult/02_preprocess.py
@@ -86,7 +97,10 @@ stage3: venv
 	$(PY) stage3_advanced/08_user_history.py --threads 1
 
 gpu: venv
+	$(PY) envs/check_env.py --require-cuda
 	$(PY) stage3_advanced/07_gpu.py
+	$(PY) stage1_adult/06_dataloader_tuning.py --device cuda
+	$(PY) stage3_advanced/06_latency.py --device cuda
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -5,20 +5,25 @@ Chapters import it after putting the repository root on sys.path (the two lines 
 each numbered script), so `import common` and `from stage2_ctr.criteo import ...` are plain
 imports that an IDE and an import-graph tool follow.
 """
-import argparse
-import ctypes
-import errno
-import functools
-import gc
-import json
-import os
-import resource
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import numpy as np
+if sys.platform == "win32":  # before `import resource`, which native Windows lacks
+    sys.exit("error: ML-Playground runs on Linux and in WSL2 (it reads /proc, uses `resource`"
+             " and forks workers), not on native Windows: `wsl --install`, then run it there")
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import errno  # noqa: E402
+import functools  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"

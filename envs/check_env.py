@@ -12,6 +12,30 @@ import platform
 import sys
 import time
 
+# the wheel that carries kernels for a capability's major version (pip's index of PyTorch builds)
+FIX_FOR_MAJOR = {12: "pip install torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128"
+                     " (CUDA 12.8+ wheels carry sm_120; `conda env create -f envs/mtml.yaml`)",
+                 10: "pip install torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128"}
+FIX_OTHER = ("pip install torch --index-url https://download.pytorch.org/whl/cu128 (or cu126: "
+             "a wheel whose torch.cuda.get_arch_list() names sm_{sm})")
+
+
+def arch_problem(capability, arch_list):
+    """One line saying why this build cannot run on a device of `capability`, or None.
+    A cubin for sm_XY runs on devices X.Y' with Y' >= Y (same major); a compute_XY (PTX) entry
+    is compiled at start-up for any newer device (slow first start, but it runs)."""
+    major, minor = capability
+    sm = f"{major}{minor}"
+    cubins = [a for a in arch_list if a.startswith("sm_")]
+    if any(a[3:-1] == str(major) and int(a[-1]) <= minor for a in cubins if a[3:].isdigit()):
+        return None
+    ptx = [int(a[8:]) for a in arch_list if a.startswith("compute_") and a[8:].isdigit()]
+    if any(v <= major * 10 + minor for v in ptx):
+        return None
+    fix = FIX_FOR_MAJOR.get(major, FIX_OTHER.format(sm=sm))
+    return (f"this torch build has no kernels for sm_{sm} (capability {capability}; its arch "
+            f"list is {', '.join(arch_list) or 'empty'}): every CUDA op would fail. Fix: {fix}")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -37,7 +61,13 @@ def main(argv=None):
             cap = torch.cuda.get_device_capability(i)
             print(f"cuda:{i}  {torch.cuda.get_device_name(i)}, capability {cap}, "
                   f"{torch.cuda.get_device_properties(i).total_memory / 2**30:.1f} GiB")
-        print(f"arch list of this build: {torch.cuda.get_arch_list()}")
+        arch_list = torch.cuda.get_arch_list()
+        print(f"arch list of this build: {arch_list}")
+        for i in range(torch.cuda.device_count()):
+            problem = arch_problem(torch.cuda.get_device_capability(i), arch_list)
+            if problem:
+                print(f"error: cuda:{i}: {problem}")
+                return 1
     else:
         print("no CUDA device: everything in this project runs on the CPU "
               f"({torch.get_num_threads()} threads); a GPU only makes it faster")

@@ -51,9 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=common.positive_int, default=d.epochs)
     p.add_argument("--patience", type=common.positive_int, default=d.patience,
                    help="epochs without val AUC gain to stop")
-    p.add_argument("--loader", choices=["slice", "dataloader"], default=d.loader,
+    p.add_argument("--loader", choices=list(mtml.LOADERS), default=d.loader,
                    help="slice = batches cut from preloaded tensors; dataloader = TensorDataset "
-                        "+ DataLoader (per-sample indexing and collate)")
+                        "+ DataLoader (per-sample indexing and collate); batch-sampler = the "
+                        "DataLoader indexing whole batches; device = slices of tensors already "
+                        "on the device (06_dataloader_tuning.py measures all four)")
     p.add_argument("--device", type=common.device_arg, default=d.device,
                    help="auto | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=common.non_negative_int, default=d.threads,

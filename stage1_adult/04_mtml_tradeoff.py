@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2],
                    help="seeds per configuration")
     p.add_argument("--threads", type=common.positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--device", type=common.device_arg, default="cpu",
+                   help="cpu (the committed tables) | cuda | cuda:N | auto; any other than cpu "
+                        "is a non-default run: its table goes to runs/partial/")
     p.add_argument("--epochs", type=common.positive_int, default=30,
                    help="max epochs per training")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where metrics.json goes")
@@ -53,7 +56,8 @@ def main(argv=None):
     for folder, flag in [(args.out_dir, "--out-dir"), (args.runs_dir, "--runs-dir")]:
         common.check_writable(folder, flag)
     t0 = time.perf_counter()
-    base = mtml.MTMLConfig(npz=args.npz, threads=args.threads, epochs=args.epochs)
+    base = mtml.MTMLConfig(npz=args.npz, threads=args.threads, epochs=args.epochs,
+                           device=args.device)
     device = common.resolve_device(base.device)
     configs = [(f"multi-task wA=1 wB={w:g}", replace(base, tasks="both", wB=w))
                for w in args.wB_list]

@@ -48,7 +48,7 @@ class MTMLConfig:
     batch_size: int = 256
     epochs: int = 30
     patience: int = 5
-    loader: str = "slice"          # slice | dataloader
+    loader: str = "slice"          # slice | dataloader | batch-sampler | device (LOADERS)
     device: str = "auto"
     threads: int = 2
     seed: int = 0
@@ -93,9 +93,11 @@ def load_npz(path):
 
 
 def batches_slice(data, batch_size, shuffle, generator):
-    """Batches cut from preloaded tensors: one gather per batch, no per-sample Python."""
+    """Batches cut from preloaded tensors: one gather per batch, no per-sample Python. The
+    order is drawn on the CPU (the same run on every device) and gathers where the data is."""
     n = len(data["y_income"])
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(data["y_income"].device)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         yield {k: v[idx] for k, v in data.items()}
@@ -110,6 +112,24 @@ def batches_dataloader(data, batch_size, shuffle, generator):
                                      generator=generator)
     for tensors in dl:
         yield dict(zip(keys, tensors))
+
+
+def batches_batch_sampler(data, batch_size, shuffle, generator):
+    """The same DataLoader, but its sampler yields whole batches of indices (BatchSampler) and
+    batch_size=None turns the collate off: the dataset is indexed once per batch with a list,
+    one gather per tensor - the DataLoader API at nearly the speed of slicing."""
+    keys = list(data)
+    ds = torch.utils.data.TensorDataset(*[data[k] for k in keys])
+    order = (torch.utils.data.RandomSampler(ds, generator=generator) if shuffle
+             else torch.utils.data.SequentialSampler(ds))
+    sampler = torch.utils.data.BatchSampler(order, batch_size, drop_last=False)
+    for tensors in torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=None):
+        yield dict(zip(keys, tensors))
+
+
+# how batches are cut; "device" slices tensors that run() has already moved to the device
+LOADERS = {"slice": batches_slice, "dataloader": batches_dataloader,
+           "batch-sampler": batches_batch_sampler, "device": batches_slice}
 
 
 # ------------------------------------------------------------------------------------ model
@@ -224,6 +244,18 @@ def evaluate(model, data, device):
     return metrics
 
 
+def train_step(model, opt, batch, task_weights):
+    """One AdamW step on L = sum_t w_t * BCE(logit_t, y_t) over the model's tasks; returns the
+    loss detached, on the device (no host sync)."""
+    logits = model(batch)
+    loss = sum(task_weights[t] * F.binary_cross_entropy_with_logits(logits[t], batch[f"y_{t}"])
+               for t in model.tasks)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def train_model(model, data, cfg, device, quiet=False):
     """AdamW on L = wA * BCE(income) + wB * BCE(married) (the tasks the model has); early stop
     on the validation AUC of the main task (income when present), best epoch restored.
@@ -231,7 +263,7 @@ def train_model(model, data, cfg, device, quiet=False):
     task_weights = {"income": cfg.wA, "married": cfg.wB}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    make_batches = batches_slice if cfg.loader == "slice" else batches_dataloader
+    make_batches = LOADERS[cfg.loader]
     main_task = model.tasks[0]  # income when present
     best = {"auc": -1.0, "epoch": -1, "state": None}
     history, samples, train_time = [], 0, 0.0
@@ -243,13 +275,7 @@ def train_model(model, data, cfg, device, quiet=False):
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no sync
         for batch in make_batches(data["train"], cfg.batch_size, True, gen):
             batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-            logits = model(batch)
-            loss = sum(task_weights[t] * F.binary_cross_entropy_with_logits(
-                logits[t], batch[f"y_{t}"]) for t in model.tasks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach()
+            loss_sum += train_step(model, opt, batch, task_weights)
             n_batches += 1
             samples += len(batch["y_income"])
         train_time += time.perf_counter() - t0
@@ -298,7 +324,9 @@ def run(cfg, run_dir=None, quiet=False):
         raise NpzError("--tasks married on a --keep-leaky npz: marital-status is an input, so "
                        "the label is read off the features; rerun 02 without --keep-leaky")
     tasks = TASKS[cfg.tasks]
-    if device.type == "cuda":  # pinned host memory makes the .to(device, non_blocking) async
+    if cfg.loader == "device":  # the training split resident on the device: no copy per step
+        data["train"] = {k: v.to(device) for k, v in data["train"].items()}
+    elif device.type == "cuda":  # pinned host memory makes the .to(device, non_blocking) async
         data["train"] = {k: v.pin_memory() for k, v in data["train"].items()}
     model = SharedBottomMTL(meta, tasks, cfg.num_encoding, cfg.num_dim, cfg.max_cat_dim,
                             cfg.hidden, cfg.dropout).to(device)

@@ -98,6 +98,10 @@ def parse_args(argv=None):
                    help="DCN / DCN-v2 cross layers (2: crosses up to degree 3)")
     p.add_argument("--jobs", type=common.positive_int, default=2,
                    help="trainings at a time (each with 1 torch thread, parsing in-process)")
+    p.add_argument("--device", type=common.device_arg, default="auto",
+                   help="auto | cpu | cuda | cuda:N for every training; on CUDA the tables go to "
+                        "runs/cuda/ (the committed ones are CPU runs: --sparse-emb auto trains "
+                        "the embeddings with another optimizer there, 09_sparse_or_dense.py)")
     p.add_argument("--quick", action="store_true", help="60k rows, dot + fieldpair, 2 data sets")
     p.add_argument("--fresh", action="store_true", help="retrain every run")
     p.add_argument("--out-dir", default=None, help="default results/ (see Writes above)")
@@ -121,7 +125,10 @@ def parse_args(argv=None):
                 f"{PARTS}; --seeds and --data-seeds not empty")
     argv = sys.argv[1:] if argv is None else argv
     args.command = common.command_line(__file__, argv)
-    args.out_dir = Path(args.out_dir or common.results_folder(argv, args.quick))
+    args.out_dir = Path(args.out_dir or common.results_folder(argv, args.quick,
+                                                              common.HARMLESS_FLAGS | {"--device"}))
+    if common.resolve_device(args.device).type == "cuda" and args.out_dir == common.RESULTS:
+        args.out_dir = common.RUNS / "cuda"  # a GPU run never overwrites the CPU tables
     return args
 
 
@@ -133,6 +140,7 @@ def run_config(args, regime, model, lr, seed, data_seed, tag="main", rows=None, 
                       epochs=EPOCHS[regime], patience=1, batch_size=args.batch_size, lr=lr,
                       emb_dim=args.emb_dim, mlp=tuple(args.mlp), min_count=args.min_count,
                       cross_layers=args.cross_layers, threads=1, num_workers=0,
+                      device=args.device,
                       amp="off", runs_dir=args.runs_dir)  # fp32: the same numbers on any CPU
     for key, value in changes.items():
         setattr(cfg, key, value)

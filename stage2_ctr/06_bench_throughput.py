@@ -216,41 +216,69 @@ def precision_part(args):
             tqdm.write(f"batch {b:>5} {name:<12} {statistics.median(s):>10,.0f} samples/s")
     for dt in peaks:
         peaks[dt] = max(peaks[dt], common.matmul_peak_gflops("cpu", dt, n=1024, repeats=5))
-    lines = ["# Stage 2: fp32 against bf16 autocast on this CPU", "",
+    cpu = common.cpu_name()
+    out = Path(args.out_dir) / "stage2_precision.md"
+    kept_rows, kept_notes = earlier_cpus(out, cpu)
+    lines = ["# Stage 2: fp32 against bf16 autocast, on each CPU this part has run on", "",
              f"DNN, DeepFM, DCN-v2 (emb {bench.EMB}, MLP {'-'.join(map(str, bench.MLP))}, 3 cross "
-             f"layers), {args.precision_rows:,} rows in memory, {args.threads} threads, median of "
-             f"{args.precision_repeats} round-robin passes. This CPU "
-             f"{'has' if native else 'has no'} native bf16 (avx512_bf16 / amx_bf16 in "
-             f"/proc/cpuinfo). Matmul peak measured in the same run (1024^3, best of before and "
-             f"after): fp32 {peaks['float32']:,.0f} GFLOP/s, bf16 {peaks['bfloat16']:,.0f} "
-             "GFLOP/s. The shares count the model's matmul FLOPs (MLP, and DCN-v2's cross "
-             "layers) against the peak of the precision it ran in."
-             + ("" if native else " Without native bf16 the bf16 products run on a fallback "
-                "kernel whose speed depends on the shape: the 1024^3 'peak' is slower than the "
-                "model's own products, hence shares above 100%.") + "", ""]
+             f"layers), rows in memory, median of round-robin passes; each run adds its CPU's "
+             "rows and keeps the other CPUs' (the table says which CPU each row came from). "
+             "Native bf16 = avx512_bf16 / amx_bf16 in /proc/cpuinfo. The shares count the "
+             "model's matmul FLOPs (MLP, and DCN-v2's cross layers) against the matmul peak of "
+             "the precision it ran in, measured in the same run (1024^3, best of before and "
+             "after). Without native bf16 the bf16 products run on a fallback kernel whose "
+             "speed depends on the shape: its 1024^3 'peak' is slower than the model's own "
+             "products, hence shares above 100% there.", ""]
     rows = []
     for b in args.precision_batch_sizes:
         for name in bench.PRECISION_MODELS:
             fp, bf = (results[f"{name} {p} b{b}"]["samples_per_s"] for p in ("fp32", "bf16"))
             flops = bench.mlp_flops_per_sample(name=name)
-            rows.append([name, b, f"{fp:,.0f}", f"{bf:,.0f}", f"{bf / fp:.2f}×",
+            rows.append([cpu, name, b, f"{fp:,.0f}", f"{bf:,.0f}", f"{bf / fp:.2f}×",
                          f"{fp * flops / 1e9 / peaks['float32']:.0%}",
                          f"{bf * flops / 1e9 / peaks['bfloat16']:.0%}"])
-    lines += common.markdown_table(["model", "batch", "fp32 samples/s", "bf16 samples/s",
-                                    "bf16 / fp32", "share of the fp32 peak (fp32 run)",
-                                    "share of the bf16 peak (bf16 run)"], rows)
-    lines += ["", f"Written by `python stage2_ctr/06_bench_throughput.py --parts precision "
-              f"--threads {args.threads} --precision-rows {args.precision_rows} "
-              f"--precision-batch-sizes {','.join(map(str, args.precision_batch_sizes))} "
-              f"--precision-repeats {args.precision_repeats}` in "
-              f"{time.perf_counter() - t_start:.0f} s."]
-    common.write_text(Path(args.out_dir) / "stage2_precision.md", "\n".join(lines) + "\n")
+    lines += common.markdown_table(["CPU", "model", "batch", "fp32 samples/s",
+                                    "bf16 samples/s", "bf16 / fp32",
+                                    "share of the fp32 peak (fp32 run)",
+                                    "share of the bf16 peak (bf16 run)"], rows + kept_rows)
+    lines += ["", "Runs:", "",
+              f"- {cpu} ({'native bf16' if native else 'no native bf16'}): matmul peak fp32 "
+              f"{peaks['float32']:,.0f} GFLOP/s, bf16 {peaks['bfloat16']:,.0f} GFLOP/s; "
+              f"`python stage2_ctr/06_bench_throughput.py --parts precision --threads "
+              f"{args.threads} --precision-rows {args.precision_rows} --precision-batch-sizes "
+              f"{','.join(map(str, args.precision_batch_sizes))} --precision-repeats "
+              f"{args.precision_repeats}`, {time.perf_counter() - t_start:.0f} s; "
+              f"{common.machine_line('cpu', args.threads)}", *kept_notes]
+    common.write_text(out, "\n".join(lines) + "\n")
     common.write_json(Path(args.runs_dir) / "bench_precision" / "metrics.json", {
         "script": "stage2_ctr/06_bench_throughput.py", "device": "cpu", "native_bf16": native,
         "matmul_peak_gflops": peaks, "results": results,
         "config": {k: v for k, v in vars(args).items()}})
     print("\n".join(lines))
     return results
+
+
+def earlier_cpus(path, cpu):
+    """The table rows and run notes of other CPUs in an earlier stage2_precision.md, kept when
+    this CPU's rows are rewritten. A file from before the CPU column (one CPU per file) is
+    labelled with what its text says about that CPU."""
+    if not Path(path).exists():
+        return [], []
+    text = Path(path).read_text()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    header, rows = (rows[0], rows[1:]) if rows else ([], [])
+    if header and header[0] != "CPU":  # the one-CPU layout
+        label = ("an earlier CPU without native bf16 (name not recorded; AVX2 only)"
+                 if "has no native bf16" in text else "an earlier CPU (name not recorded)")
+        import re
+        peak = re.search(r"fp32 [\d,]+ GFLOP/s, bf16 [\d,]+ GFLOP/s", text)
+        note = next((line for line in text.splitlines() if line.startswith("Written by")), "")
+        note = (f"matmul peak {peak.group(0)}; " if peak else "") + note
+        return [[label] + r for r in rows], [f"- {label}: {note}"] if note else []
+    notes = [line for line in text.splitlines() if line.startswith("- ")
+             and not line.startswith(f"- {cpu} (")]
+    return [r for r in rows if r[0] != cpu], notes
 
 
 def main(argv=None):

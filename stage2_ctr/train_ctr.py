@@ -70,7 +70,8 @@ class TrainConfig:
     optimizer: str = "adam"     # adam | adagrad | sgd (momentum 0.9): training.make_optimizers
     reinit_emb: bool = False    # re-draw the embedding tables (+ their optimizer state) per epoch
     sparse_emb: str = "auto"    # sparse gradients + RowSparseAdam for the tables (auto: CPU)
-    amp: str = "off"            # off | bf16 | auto (bf16 where the device multiplies it natively)
+    amp: str = "auto"           # off | bf16 | auto: bf16 where the device multiplies it natively
+    #                             (results/stage2_precision.md: faster on avx512_bf16, 0.06x without)
     preload: str = "none"       # none | device: the whole train split in device memory
     compile: bool = False
     num_workers: int = 1
@@ -553,6 +554,7 @@ def train(cfg, resume=False, quiet=False):
     metrics = {"script": "stage2_ctr/train_ctr.py", "model": cfg.model,
                "dataset": Path(cfg.train[0]).parent.name, "device": str(device),
                "seed": cfg.seed, "world_size": world, "config": asdict(cfg), "splits": splits,
+               "precision": "bf16" if autocast else "fp32",  # what --amp resolved to here
                "best_step": best_step, "best_epoch": best_epoch_of(history, best_step),
                "steps": step, "history": history, "bad_rows": bad_rows,
                "parameters": sum(p.numel() for p in model.parameters()),

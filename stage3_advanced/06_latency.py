@@ -14,6 +14,7 @@ Run:    python stage3_advanced/06_latency.py                   # 6 models, threa
         python stage3_advanced/06_latency.py --compile         # torch.compile each model first
         python stage3_advanced/06_latency.py --device cuda     # GPU figures
 Writes: results/stage3_latency.md, results/stage3_latency.png, runs/stage3_latency.json
+        (--device cuda: results/stage3_latency_cuda.md/.png/.json; --quick: runs/quick/)
 """
 import argparse
 import sys
@@ -50,20 +51,23 @@ def parse_args(argv=None):
                         "--mlp 400,400,400) each call does ~3.5x the arithmetic and this script "
                         "takes ~40 min: batch 32768 x 200 calls x 2 thread counts")
     p.add_argument("--compile", action="store_true", help="torch.compile each model first")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--device", type=common.device_arg, default="cpu",
+                   help="cpu | cuda | cuda:N (auto: CUDA when present); a CUDA run writes "
+                        "stage3_latency_cuda.md, never the committed CPU table")
     p.add_argument("--quick", action="store_true", help="DNN + DeepFM, batch 1/64/1024, 1 thread")
     p.add_argument("--out", default=None,
                    help="default results/stage3_latency.md; with --quick runs/quick/ (the "
                         "committed table stays)")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the JSON goes")
     args = p.parse_args(argv)
+    args.device = str(common.resolve_device(args.device))
+    cuda = args.device.startswith("cuda")
     if args.out is None:
-        args.out = str(quick_or_results(args.quick) / "stage3_latency.md")
+        args.out = str(quick_or_results(args.quick) /
+                       f"stage3_latency{'_cuda' if cuda else ''}.md")
     if args.quick:
         args.models, args.batch_sizes, args.threads = ["dnn", "deepfm"], [1, 64, 1024], [1]
-    if args.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            p.error("--device cuda: no CUDA device visible to torch")
+    if cuda:
         args.threads = [torch.get_num_threads()]
     args.mlp_sizes = tuple(int(h) for h in args.mlp.split(",") if h)
     return args
@@ -155,7 +159,7 @@ def report(args, rows, device_name, wall_s):
     lines += ["", f"Command: `python stage3_advanced/06_latency.py"
               f"{' --quick' if args.quick else ''}{' --compile' if args.compile else ''}"
               f"{' --device ' + args.device if args.device != 'cpu' else ''}` "
-              f"({wall_s / 60:.1f} min)."]
+              f"({wall_s / 60:.1f} min).", common.machine_line(args.device)]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ class Measure:
     amp: str = "off"          # off | bf16 (autocast around the forward pass)
     sparse: bool = None       # sparse tables + RowSparseAdam (None: on CPU, dense on CUDA)
     compile: bool = False     # torch.compile the model
+    compile_backend: str = "inductor"  # eager / aot_eager: the same path without codegen
 
 
 # ------------------------------------------------------------------------------- memory
@@ -170,7 +171,7 @@ def train_measure(m, model_name, batch, source, device, path=None, mem=None, cac
     sparse = device.type == "cpu" if m.sparse is None else m.sparse
     model = build_model(model_name, criteo_schema(m.hash_bits), emb_dim=m.emb_dim,
                         mlp=MLP_SIZES, sparse=sparse).to(device)
-    train_model = torch.compile(model) if m.compile else model
+    train_model = torch.compile(model, backend=m.compile_backend) if m.compile else model
     step = make_step(train_model, make_optimizers(model, 1e-3), m.micro_batch,
                      autocast=autocast_for(device, torch.bfloat16 if m.amp == "bf16" else None))
     n_steps = max(4, m.train_rows // batch)

@@ -21,7 +21,8 @@ CHAPTERS = {name: f"{name}.py" for name in [
     "stage2_ctr/05_movielens", "stage3_advanced/01_mtl_adult",
     "stage3_advanced/02_task_correlation", "stage3_advanced/03_mtl_ctr",
     "stage3_advanced/04_imbalance", "stage3_advanced/05_throughput"]}
-WITH_DEVICE = ["stage2_ctr/04_can_an_mlp_multiply", "stage2_ctr/05_movielens",
+WITH_DEVICE = ["stage1_adult/03_train_mtml", "stage1_adult/04_mtml_tradeoff",
+               "stage1_adult/05_what_matters", "stage2_ctr/04_can_an_mlp_multiply", "stage2_ctr/05_movielens",
                "stage3_advanced/01_mtl_adult", "stage3_advanced/02_task_correlation",
                "stage3_advanced/03_mtl_ctr", "stage3_advanced/04_imbalance",
                "stage3_advanced/05_throughput"]
