@@ -33,6 +33,7 @@ from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
 import common
 from stage2_ctr.dataset_files import DatasetWriter, format_rows, hex_word_table, split_of
+from stage2_ctr.train_stats import fingerprint
 
 N_DENSE, N_SPARSE = 13, 26
 U64 = np.uint64
@@ -363,6 +364,8 @@ def make_synthetic(cfg, out_dir):
                             a["oracle"][:, 0] if cfg.tasks == 1 else a["oracle"])
             report[name] = score_oracle(a["labels"].astype(np.float32), a["oracle"],
                                         {k[5:]: v for k, v in a.items() if k.startswith("part:")})
+            # which file these scores belong to: a trainer uses them only on that file
+            report[name]["file"] = fingerprint(writer.folder / f"{name}.txt")
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "synthetic",
             "config": asdict(cfg),
             "columns": (["label"] + (["label2"] if cfg.tasks == 2 else [])
