@@ -23,7 +23,7 @@ help:
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
 	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks (~100 min)"
-	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency (~60 min)"
+	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency, user history (~100 min)"
 	@echo "make gpu     the prepared GPU run (stage3_advanced/07_gpu.py -> results/gpu.md; CUDA machines)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
 
@@ -82,6 +82,7 @@ stage3: venv
 	$(PY) stage3_advanced/04_imbalance.py --make-data --threads $(THREADS)
 	$(PY) stage3_advanced/05_throughput.py --threads $(THREADS)
 	$(PY) stage3_advanced/06_latency.py
+	$(PY) stage3_advanced/08_user_history.py --threads 1
 
 gpu: venv
 	$(PY) stage3_advanced/07_gpu.py

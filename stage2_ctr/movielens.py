@@ -277,3 +277,48 @@ def encode(frame, splits):
                          bags=(MAX_GENRES,))
     sizes = {f: len(v) + 1 for f, v in vocab.items()} | {"genres": len(GENRES) + 1}
     return sparse, frame["label"].to_numpy(np.float32), schema, sizes
+
+
+
+def hash_ids(sparse_by_split, n_buckets, bits, seed=0):
+    """The hash trick on top of the exact vocabulary: every row of the shared table (each field's
+    values and OOV rows, the genres) goes to one of 2^bits buckets drawn at random - what hashing
+    the (field, value) strings would do, without the strings; genre padding (-1) stays padding.
+    Returns {split: hashed ids} and the share of the distinct ids of the train split whose bucket
+    also holds another of them (a value that collides, as train_stats.collision_report counts)."""
+    bucket_of = np.random.default_rng(seed).integers(0, 2 ** bits, size=n_buckets)
+    hashed = {name: np.where(ids >= 0, bucket_of[np.maximum(ids, 0)], -1)
+              for name, ids in sparse_by_split.items()}
+    seen = np.unique(sparse_by_split["train"][sparse_by_split["train"] >= 0])
+    per_bucket = np.bincount(bucket_of[seen], minlength=2 ** bits)
+    return hashed, float((per_bucket[bucket_of[seen]] > 1).mean())
+
+
+def hashed_split(data, schema, bits):
+    """A split's {part: (inputs, y)} with hash_ids applied, its schema of 2^bits rows and the
+    share of colliding train values."""
+    import dataclasses
+
+    import torch
+    ids, share = hash_ids({s: x["sparse"].numpy() for s, (x, _) in data.items()},
+                          schema.n_buckets, bits)
+    parts = {s: ({"dense": x["dense"], "sparse": torch.from_numpy(ids[s])}, y)
+             for s, (x, y) in data.items()}
+    return parts, dataclasses.replace(schema, n_buckets=2 ** bits), share
+
+
+def hashing_report(models, seeds, n_values, rows, exact, command, machine):
+    """05_movielens.py --hashing's table: rows [bits, table rows, collision share, AUC per
+    model] after the exact ids' AUCs."""
+    lines = ["# Stage 2: what the hash trick costs on MovieLens-100k", "",
+             "The random split; each model's learning rate, weight decay and dropout picked on "
+             f"validation on the exact ids (seed {seeds[0]}), then the same config with every "
+             f"id of the shared table ({n_values:,} rows: the fields' values, their OOV rows "
+             "and the genres) sent to a random one of 2^bits buckets, as hashing the (field, "
+             "value) strings would. Test AUC, mean ± std over seeds "
+             f"{', '.join(map(str, seeds))}.", ""]
+    table = [["exact (no hashing)", f"{n_values:,}", "0.00%"] + exact]
+    table += [[bits, f"{size:,}", f"{share:.2%}"] + aucs for bits, size, share, *aucs in rows]
+    lines += common.markdown_table(["hash bits", "table rows", "train values sharing a bucket"]
+                                   + [f"{m} test AUC" for m in models], table)
+    return "\n".join(lines + ["", command, machine]) + "\n"

@@ -291,3 +291,24 @@ def test_only_the_default_run_writes_the_committed_results():
     assert chapter.parse_args(["--models", "fm", "--seeds", "0", "--skip-gbdt"]).out == (
         partial / "stage2_movielens.md")
     assert chapter.parse_args(["--quick"]).out.parent == ROOT / "runs" / "quick"
+
+
+def test_hashed_ids_keep_padding_and_count_the_values_that_share_a_bucket():
+    """05_movielens --hashing: every id of the shared table goes to one random bucket (the same
+    for every split), padding stays padding, and the collision share is a naive count's."""
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 500, size=(300, 4))
+    train[:, 3][::3] = -1  # genre padding
+    test = rng.integers(0, 500, size=(50, 4))
+    hashed, share = movielens.hash_ids({"train": train, "test": test}, 500, 10)
+    assert ((hashed["train"] == -1) == (train == -1)).all()
+    assert hashed["train"].max() < 2 ** 10 and hashed["test"].min() >= 0
+    same = train[:, 0][:, None] == test[:, 0][None, :]  # an id means the same bucket everywhere
+    assert (hashed["train"][:, 0][:, None] == hashed["test"][:, 0][None, :])[same].all()
+    bucket = {}
+    for i, h in zip(train.ravel(), hashed["train"].ravel()):
+        if i >= 0:
+            bucket[i] = h
+    crowded = {h for h in bucket.values() if list(bucket.values()).count(h) > 1}
+    assert share == pytest.approx(sum(h in crowded for h in bucket.values()) / len(bucket))
+    assert 0 < share < 1

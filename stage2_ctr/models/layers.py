@@ -229,3 +229,125 @@ class Towers(nn.Module):
 
     def forward(self, inputs):  # T x (B, d) -> (B, T)
         return torch.cat([net(x) for net, x in zip(self.nets, inputs)], dim=1)
+
+
+# ------------------------------------------------------- user-behaviour history (Stage 3, 08)
+# A user's history is a sequence of past behaviours, left-aligned and padded: ids (B, L) with
+# 0 = padding (1 = an id not seen in training, its OOV row). Each behaviour j is a vector h_j
+# (B, L, d) - its item's and category's embeddings, plus an optional side id such as "liked" -
+# and the candidate t (B, d) is built from the same tables, so h_j and t are comparable. The
+# blocks below turn (h, t, mask) into one vector per row; history.py composes them.
+
+class HistoryEmbedding(nn.Module):
+    """h_j = [E_item[i_j] + E_side[s_j], E_cat[c_j]],  t = [E_item[i_t], E_cat[c_t]],
+    mask_j = (i_j != 0). One item table and one category table serve the candidate and the
+    history (the whole point: "is this candidate like what the user did?"). Row 0 of every
+    table is the padding row (zero, never trained), row 1 the OOV row."""
+
+    def __init__(self, n_items, n_cats, dim, n_side=0):
+        super().__init__()
+        self.items = nn.Embedding(n_items, dim, padding_idx=0)
+        self.cats = nn.Embedding(n_cats, dim, padding_idx=0)
+        self.side = nn.Embedding(n_side, dim, padding_idx=0) if n_side else None
+        for table in [self.items, self.cats] + ([self.side] if n_side else []):
+            nn.init.normal_(table.weight, std=0.05)
+            table.weight.data[0] = 0
+        self.out_dim = 2 * dim
+
+    def forward(self, x):  # dict: item, cat (B,); hist_item, hist_cat[, hist_side] (B, L)
+        t = torch.cat([self.items(x["item"]), self.cats(x["cat"])], dim=-1)  # (B, 2k)
+        item = self.items(x["hist_item"])
+        if self.side is not None:
+            item = item + self.side(x["hist_side"])
+        h = torch.cat([item, self.cats(x["hist_cat"])], dim=-1)  # (B, L, 2k)
+        return h, t, x["hist_item"] > 0
+
+
+def masked_pool(h, mask, mode="mean"):
+    """sum pooling  s = sum_j m_j h_j;  mean pooling  s / max(1, sum_j m_j).
+    An empty history gives the zero vector. (B, L, d), (B, L) -> (B, d)."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    total = (h * m).sum(1)
+    return total if mode == "sum" else total / m.sum(1).clamp(min=1)
+
+
+class Dice(nn.Module):
+    """Dice (DIN paper, eq. 9): f(s) = p(s) s + (1 - p(s)) a s,  p(s) = sigmoid((s - E[s]) /
+    sqrt(Var[s] + eps)), E and Var per unit over the batch while training (running averages at
+    inference), a learned per unit. PReLU is the special case p(s) = 1[s > 0]: Dice moves the
+    kink to where the data is. (N, d) -> (N, d)."""
+
+    def __init__(self, dim, eps=1e-8):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, eps=eps, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, s):  # (N, d) -> (N, d)
+        p = torch.sigmoid(self.norm(s))
+        return p * s + (1 - p) * self.alpha * s
+
+
+class ActivationUnit(nn.Module):
+    """DIN's local activation unit (Zhou et al. 2018):
+        w_j = MLP([h_j, t, h_j - t, h_j * t])   (one hidden layer, Dice or PReLU, one output)
+        out = sum_j m_j w_j h_j
+    No softmax over j, as in the paper: the sum keeps how MUCH of the history is relevant, not
+    only which part. The unit runs on the filled positions only (gathered with the mask), so
+    padding can neither enter the sum nor Dice's batch statistics."""
+
+    def __init__(self, dim, hidden=36, activation="dice"):
+        super().__init__()
+        act = Dice(hidden) if activation == "dice" else nn.PReLU(hidden)
+        self.net = nn.Sequential(nn.Linear(4 * dim, hidden), act, nn.Linear(hidden, 1))
+
+    def weights(self, h, t, mask):  # (B, L, d), (B, d), (B, L) -> (B, L), 0 at padding
+        t = t.unsqueeze(1).expand_as(h)[mask]
+        hj = h[mask]  # (N_filled, d)
+        w = h.new_zeros(mask.shape)
+        w[mask] = self.net(torch.cat([hj, t, hj - t, hj * t], dim=-1)).squeeze(-1)
+        return w
+
+    def forward(self, h, t, mask):  # (B, L, d), (B, d), (B, L) -> (B, d)
+        return (self.weights(h, t, mask).unsqueeze(-1) * h).sum(1)
+
+
+def recency(mask):
+    """Position of each behaviour counted from the latest: 1 = the most recent filled slot,
+    2 = the one before, ...; 0 at padding. Counted from the end of the filled part, so
+    appending padding changes no position. (B, L) bool -> (B, L) int64."""
+    n = mask.sum(1, keepdim=True)
+    pos = n - torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, pos, torch.zeros_like(pos))
+
+
+class BehaviourTransformer(nn.Module):
+    """BST (Chen et al. 2019): one transformer layer over the behaviours and the target,
+        x = [h_1 + P[r_1], ..., h_L + P[r_L], t + P[0]]         (r_j = recency(mask))
+        a = x + MultiHeadAttention(x, x, x, keys at padding masked);  a = LayerNorm(a)
+        y = LayerNorm(a + FFN(a)),  FFN = Linear(d, 2d) -> ReLU -> Linear(2d, d)
+        out = [y_target, masked mean_j y_j]                       (B, 2d)
+    The position embedding P is what makes it order-aware: without it attention is a function
+    of the set of behaviours, as pooling and DIN are. Chosen over DIEN's GRU + AUGRU because
+    one attention matmul covers the whole sequence, where AUGRU steps through it in a Python
+    loop of L small kernels (an attention-gated GRU has no fused cuDNN/MKL kernel)."""
+
+    def __init__(self, dim, max_len, heads=2, dropout=0.0):
+        super().__init__()
+        self.positions = nn.Embedding(max_len + 1, dim)
+        nn.init.normal_(self.positions.weight, std=0.05)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(2 * dim, dim))
+        self.max_len = max_len
+        self.out_dim = 2 * dim
+
+    def forward(self, h, t, mask):  # (B, L, d), (B, d), (B, L) -> (B, 2d)
+        pos = recency(mask).clamp(max=self.max_len)
+        x = torch.cat([h + self.positions(pos), (t + self.positions.weight[0]).unsqueeze(1)],
+                      dim=1)  # (B, L + 1, d): the target last
+        keep = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        a, _ = self.attention(x, x, x, key_padding_mask=~keep, need_weights=False)
+        a = self.norm1(x + a)
+        y = self.norm2(a + self.ffn(a))
+        return torch.cat([y[:, -1], masked_pool(y[:, :-1], mask)], dim=-1)
