@@ -23,7 +23,6 @@ Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
 import hashlib
-import json
 import os
 import signal
 import sys
@@ -37,7 +36,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import binary_cache, criteo, train_stats  # noqa: E402
+from stage2_ctr import binary_cache, criteo, synthetic, train_stats  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
 from stage2_ctr.run_state import RunLock, TrainError, load_last, save_last  # noqa: E402
 from stage2_ctr.training import (amp_dtype, autocast_for, cpu_has_native_bf16,  # noqa: E402
@@ -405,24 +404,6 @@ def data_fingerprints(cfg):
     return out
 
 
-def oracle_scores(files, scan):
-    """On synthetic data 01_make_subset.py wrote the oracle's scores into meta.json: used only
-    when the file is the one they were scored on (its rows, and its fingerprint where
-    recorded), not after the split was edited or cut."""
-    meta_path = Path(files[0]).parent / "meta.json"
-    split = Path(files[0]).name.split(".")[0]
-    if len(files) != 1 or not meta_path.exists():
-        return None
-    r = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
-    counted = next(iter(scan["files"].values()))
-    same = r.get("rows") == counted["rows"] + counted["bad_rows"] and (
-        "file" not in r or [r["file"][k] for k in ("size", "md5_head_tail")] == [
-            train_stats.fingerprint(files[0])[k] for k in ("size", "md5_head_tail")])
-    if "oracle_auc" not in r or not same:
-        return None
-    return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
-
-
 # ------------------------------------------------------------------------------ the run
 def train(cfg, resume=False, quiet=False):
     """One training run; returns the metrics dict that it writes to runs/<name>/metrics.json."""
@@ -565,7 +546,7 @@ def train(cfg, resume=False, quiet=False):
     splits = {"val": evaluate(model, val_stream, device, autocast),
               "test": evaluate(model, test_stream, device, autocast)}
     for name, files in [("val", cfg.val), ("test", cfg.test)]:
-        oracle = oracle_scores(files, scans[name])
+        oracle = synthetic.oracle_scores(files, scans[name])
         if oracle:
             splits[name].update(oracle=oracle, auc_gap_to_oracle=oracle["auc"] -
                                 splits[name]["auc"], logloss_gap_to_oracle=splits[name][
