@@ -22,7 +22,7 @@ help:
 	@echo "make demo    run Stage 0 -> 1 -> 2 -> 3 (quick) on shipped/synthetic data (creates .venv on first use)"
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table and the wB trade-off sweep (~15 min)"
-	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks (~100 min)"
+	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks, the one-epoch phenomenon (~130 min)"
 	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency, user history (~100 min)"
 	@echo "make gpu     the prepared GPU run (stage3_advanced/07_gpu.py -> results/gpu.md; CUDA machines)"
 	@echo "make clean   remove generated data and runs (keeps .venv and results/)"
@@ -73,6 +73,7 @@ stage2: venv
 	$(PY) stage2_ctr/07_binary_cache.py stage2_ctr/data/bench2m/train.txt \
 	    --out stage2_ctr/data/bench2m/train.bin
 	$(PY) stage2_ctr/07_binary_cache.py --read stage2_ctr/data/bench2m/train.bin
+	$(PY) stage2_ctr/08_one_epoch.py
 
 stage3: venv
 	$(PY) stage1_adult/02_preprocess.py

@@ -86,8 +86,17 @@ def stage2(runs, data):
                    if "auc_gap_to_oracle" in t else "")
             return [f"  {m['model']}: test AUC {t['auc']:.4f}, logloss {t['logloss']:.4f}{gap} "
                     f"| {m['train_samples_per_s']:,.0f} train samples/s on {m['device']}",
-                    f"    {rel(path)}"]
+                    *epochs_line(m), f"    {rel(path)}"]
         return describe
+
+    def epochs_line(m):
+        """Which epoch was best (train_ctr records it), and the chapter that says why."""
+        ends = [h["val_auc"] for h in m.get("history", []) if h.get("epoch_end")]
+        if m.get("best_epoch") is None or len(ends) < 2:
+            return []
+        return [f"    best epoch {m['best_epoch']} of {len(ends)} (val AUC at the epoch ends "
+                + " -> ".join(f"{a:.4f}" for a in ends) + "); why the second epoch hurts the "
+                "MLP models: stage2_ctr/08_one_epoch.py"]
 
     def movielens(ml):
         lines = []

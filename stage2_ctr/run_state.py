@@ -1,8 +1,9 @@
 """What makes a training run safe to stop and continue: the lock on its folder (two runs under
 one --run-name would mix their files) and last.pt, the checkpoint --resume continues from (the
 model, the optimizers, both RNG states, the loop's counters, and what the run was trained on:
-its config, the train files' fingerprints, the table kind the device chose). Read it with
-stage2_ctr/train_ctr.py, which writes and reads these at its one checkpoint site.
+its config, the train files' fingerprints, the table kind the device chose), and, under DDP,
+the ranks kept in step (a rank that stops early would leave the others waiting forever). Read it
+with stage2_ctr/train_ctr.py, which writes and reads these at its one checkpoint site.
 """
 import fcntl
 import json
@@ -11,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import common
 
@@ -107,3 +109,42 @@ def load_last(path, model, optimizers, device, cfg, sparse, train_data):
     if device.type == "cuda" and "cuda_rng" in ckpt:
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     return ckpt["state"]
+
+
+# ------------------------------------------------------------------ DDP: ranks in step
+def collective_device():
+    """Where a tensor for a collective must live: NCCL reduces GPU memory, gloo CPU memory."""
+    nccl = dist.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def all_ranks(value):
+    """[value of rank 0, value of rank 1, ...]: one small all-reduce (a one-hot row each)."""
+    row = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=collective_device())
+    row[dist.get_rank()] = value
+    dist.all_reduce(row)
+    return row.tolist()
+
+
+def in_step_with_other_ranks(batches, world, first):
+    """DDP: each backward waits for every rank's gradients, so a rank whose shard ends early
+    would leave the others waiting forever. Rule: an epoch ends on every rank when the
+    shortest shard ends - each step the ranks all-reduce whether they have a next batch (the
+    lookahead epoch_batches already makes), the longer shards' extra batches sit the epoch out
+    (read, so their bad-row reports still arrive). A rank with no rows at all: one line."""
+    it = iter(batches)
+    item = next(it, None)
+    if first:
+        empty = [r for r, has in enumerate(all_ranks(item is not None)) if not has]
+        if empty:
+            raise TrainError(f"DDP: rank(s) {empty} of {world} got no training rows (a train "
+                             "split smaller than its shards); use fewer ranks or more data")
+    while item is not None:
+        flag = torch.tensor([0 if item[1] else 1], dtype=torch.int32, device=collective_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        yield item[0], not flag.item()
+        if not flag.item():
+            break
+        item = next(it, None)
+    for _ in it:  # the rest of a longer shard: not trained on this epoch
+        pass

@@ -23,6 +23,8 @@ Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
 import hashlib
+import json
+import math
 import os
 import signal
 import sys
@@ -38,9 +40,11 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from stage2_ctr import binary_cache, criteo, synthetic, train_stats  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
-from stage2_ctr.run_state import RunLock, TrainError, load_last, save_last  # noqa: E402
-from stage2_ctr.training import (amp_dtype, autocast_for, cpu_has_native_bf16,  # noqa: E402
-                                 make_optimizers, make_step, predict)
+from stage2_ctr.run_state import (RunLock, TrainError, all_ranks,  # noqa: E402
+                                  in_step_with_other_ranks, load_last, save_last)
+from stage2_ctr.training import (OPTIMIZERS, amp_dtype, autocast_for,  # noqa: E402
+                                 cpu_has_native_bf16, make_optimizers, make_step, predict,
+                                 reset_embeddings)
 
 DATA = Path(__file__).resolve().parent / "data" / "synthetic"
 # ------------------------------------------------------------------------------------ config
@@ -67,6 +71,8 @@ class TrainConfig:
     dropout: float = 0.0
     weight_decay: float = 0.0   # dense parameters only (AdamW; see training.make_optimizers)
     decoupled_wd: bool = True   # False: Adam with L2 in the gradient (for the comparison only)
+    optimizer: str = "adam"     # adam | adagrad | sgd (momentum 0.9): training.make_optimizers
+    reinit_emb: bool = False    # re-draw the embedding tables (+ their optimizer state) per epoch
     sparse_emb: str = "auto"    # sparse gradients + RowSparseAdam for the tables (auto: CPU)
     amp: str = "off"            # off | bf16 | auto (bf16 where the device multiplies it natively)
     preload: str = "none"       # none | device: the whole train split in device memory
@@ -74,6 +80,7 @@ class TrainConfig:
     num_workers: int = 1
     shuffle_buffer: int = 0
     eval_every: int = 0         # 0: validate at the end of each epoch
+    evals_per_epoch: int = 0    # N > 1: also validate N - 1 times evenly inside each epoch
     patience: int = 2
     ckpt_every: int = 0
     threads: int = 0
@@ -115,6 +122,13 @@ def parse_args(argv=None):
                    help="AdamW weight decay of the dense parameters")
     p.add_argument("--l2", dest="decoupled_wd", action="store_false",
                    help="Adam with L2 in the gradient instead of AdamW (to compare the two)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="adam: AdamW + RowSparseAdam (the rule); adagrad; sgd: momentum 0.9 "
+                        "(08_one_epoch.py compares them)")
+    p.add_argument("--reinit-emb", action="store_true",
+                   help="at the start of every epoch after the first, draw the embedding tables "
+                        "afresh and drop their optimizer state; the MLP is kept (MEDA, "
+                        "08_one_epoch.py)")
     p.add_argument("--sparse-emb", choices=["auto", "on", "off"], default=d.sparse_emb,
                    help="sparse gradients + RowSparseAdam for the tables (auto: on for CPU)")
     p.add_argument("--amp", choices=["off", "bf16", "auto"], default=d.amp,
@@ -130,6 +144,9 @@ def parse_args(argv=None):
                    help="rows shuffled together")
     p.add_argument("--eval-every", type=common.non_negative_int, default=d.eval_every,
                    help="validate every N steps (0: at the end of each epoch)")
+    p.add_argument("--evals-per-epoch", type=common.non_negative_int, default=d.evals_per_epoch,
+                   help="validate N times per epoch, evenly spaced, the last at its end (0 or "
+                        "1: at the end only)")
     p.add_argument("--patience", type=common.positive_int, default=d.patience,
                    help="evaluations without a val AUC gain before stopping")
     p.add_argument("--ckpt-every", type=common.non_negative_int, default=d.ckpt_every,
@@ -321,44 +338,6 @@ def setup_distributed(device_name):
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
-def collective_device():
-    """Where a tensor for a collective must live: NCCL reduces GPU memory, gloo CPU memory."""
-    nccl = dist.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-
-def all_ranks(value):
-    """[value of rank 0, value of rank 1, ...]: one small all-reduce (a one-hot row each)."""
-    row = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=collective_device())
-    row[dist.get_rank()] = value
-    dist.all_reduce(row)
-    return row.tolist()
-
-
-def in_step_with_other_ranks(batches, world, first):
-    """DDP: each backward waits for every rank's gradients, so a rank whose shard ends early
-    would leave the others waiting forever. Rule: an epoch ends on every rank when the
-    shortest shard ends - each step the ranks all-reduce whether they have a next batch (the
-    lookahead epoch_batches already makes), the longer shards' extra batches sit the epoch out
-    (read, so their bad-row reports still arrive). A rank with no rows at all: one line."""
-    it = iter(batches)
-    item = next(it, None)
-    if first:
-        empty = [r for r, has in enumerate(all_ranks(item is not None)) if not has]
-        if empty:
-            raise TrainError(f"DDP: rank(s) {empty} of {world} got no training rows (a train "
-                             "split smaller than its shards); use fewer ranks or more data")
-    while item is not None:
-        flag = torch.tensor([0 if item[1] else 1], dtype=torch.int32, device=collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        yield item[0], not flag.item()
-        if not flag.item():
-            break
-        item = next(it, None)
-    for _ in it:  # the rest of a longer shard: not trained on this epoch
-        pass
-
-
 def sparse_tables(sparse_emb, device, world):
     """--sparse-emb -> whether the tables get sparse gradients (RowSparseAdam). auto: on a CPU,
     dense on a GPU. DDP all-reduces the gradients, and NCCL (CUDA) cannot all-reduce sparse
@@ -375,7 +354,8 @@ def build(cfg, device, sparse):
     model = build_model(cfg.model, criteo_schema(cfg.hash_bits), emb_dim=cfg.emb_dim,
                         mlp=cfg.mlp, dropout=cfg.dropout, cross_layers=cfg.cross_layers,
                         sparse=sparse).to(device)
-    optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay, cfg.decoupled_wd)
+    optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay, cfg.decoupled_wd,
+                                 kind=cfg.optimizer)
     train_model = torch.compile(model) if cfg.compile else model
     if dist.is_initialized():
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -402,6 +382,35 @@ def data_fingerprints(cfg):
         paths = [Path(files[0]) / "meta.json"] if binary_cache.is_cache(files) else files
         out[split] = [train_stats.fingerprint(p) for p in paths]
     return out
+
+
+def eval_batches(cfg, world):
+    """--evals-per-epoch N: the batch counts inside an epoch after which to validate (the epoch's
+    end is validated anyway). The epoch's length is counted once from the train split (its rows
+    / world / batch size, rounded up: exact for one process and one loader worker, about right
+    otherwise - a point misses its fraction by a batch at most)."""
+    if cfg.evals_per_epoch < 2:
+        return set()
+    if binary_cache.is_cache(cfg.train[0]):
+        rows = json.loads((Path(cfg.train[0]) / "meta.json").read_text())["rows"]
+    else:
+        rows = criteo.scan(cfg.train)["rows"]
+    n = math.ceil(rows / world / cfg.batch_size)
+    return {round(k * n / cfg.evals_per_epoch) for k in range(1, cfg.evals_per_epoch)} - {0, n}
+
+
+def reinit_at_epoch_start(cfg, epoch, batches_in_epoch, model, optimizers, say):
+    """--reinit-emb: before the first batch of every epoch after the first (also after a resume
+    from an epoch's end, where last.pt holds the tables of the epoch before)."""
+    if cfg.reinit_emb and epoch > 0 and batches_in_epoch == 0:
+        n = reset_embeddings(model, optimizers)
+        say(f"epoch {epoch + 1}: {n} embedding table(s) drawn afresh, their optimizer state "
+            "dropped (--reinit-emb)")
+
+
+def best_epoch_of(history, best_step):
+    """The (1-based) epoch in which the best validation step fell, None before any eval."""
+    return next((h.get("epoch") for h in history if h["step"] == best_step), None)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -436,6 +445,7 @@ def train(cfg, resume=False, quiet=False):
         say("notice: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16/amx_bf16): "
             "expect it to run several times slower than fp32 (results/stage2_precision.md)")
     step_fn = make_step(train_model, optimizers, autocast=autocast)
+    evals_inside = eval_batches(cfg, world)
 
     # the run folder, and where to start: from scratch or from last.pt (--resume)
     train_data = data_fingerprints(cfg)["train"]
@@ -480,6 +490,7 @@ def train(cfg, resume=False, quiet=False):
                                 device, reports)
         if world > 1:
             batches = in_step_with_other_ranks(batches, world, first=step == 0)
+        reinit_at_epoch_start(cfg, epoch, batches_in_epoch, model, optimizers, say)
         for i, ((dense, sparse_ids, label), last) in enumerate(batches):
             if i < batches_in_epoch:  # resume: the stream is deterministic, skip what ran
                 if last:
@@ -506,12 +517,14 @@ def train(cfg, resume=False, quiet=False):
             # evaluate (and keep the best model): every eval_every steps, at each epoch end,
             # at max_steps; stop when val AUC has not improved for `patience` evaluations
             at_max = cfg.max_steps and step >= cfg.max_steps
-            if last or at_max or (cfg.eval_every and step % cfg.eval_every == 0):
+            if last or at_max or (cfg.eval_every and step % cfg.eval_every == 0) or (
+                    batches_in_epoch in evals_inside):
                 train_seconds += time.perf_counter() - t0
                 val = evaluate(model, val_stream, device, autocast)
                 train_loss = loss_sum.item() / max(loss_n, 1)
                 history.append({"step": step, "train_loss": train_loss, "val_auc": val["auc"],
-                                "val_logloss": val["logloss"]})
+                                "val_logloss": val["logloss"], "epoch": epoch + (not last),
+                                "epoch_end": bool(last)})
                 if val["auc"] > best_auc:
                     best_auc, best_step, bad_evals = val["auc"], step, 0
                     if rank == 0:
@@ -554,7 +567,8 @@ def train(cfg, resume=False, quiet=False):
     metrics = {"script": "stage2_ctr/train_ctr.py", "model": cfg.model,
                "dataset": Path(cfg.train[0]).parent.name, "device": str(device),
                "seed": cfg.seed, "world_size": world, "config": asdict(cfg), "splits": splits,
-               "best_step": best_step, "steps": step, "history": history, "bad_rows": bad_rows,
+               "best_step": best_step, "best_epoch": best_epoch_of(history, best_step),
+               "steps": step, "history": history, "bad_rows": bad_rows,
                "parameters": sum(p.numel() for p in model.parameters()),
                "train_samples": samples,  # all ranks' rows
                "train_samples_per_s": samples / max(train_seconds, 1e-9),
@@ -592,7 +606,9 @@ def plot_curves(history, path):
 
 
 def report(m, run_dir):
-    print(f"{m['model']}: {m['steps']} steps, best at {m['best_step']}, "
+    epochs_run = max((h.get("epoch", 0) for h in m["history"]), default=0)
+    print(f"{m['model']}: {m['steps']} steps, best at step {m['best_step']} (epoch "
+          f"{m['best_epoch']} of the {epochs_run} run), "
           f"{m['train_samples_per_s']:,.0f} train samples/s, peak RSS {m['peak_rss_mb']:,.0f} MB")
     print(f"{'split':<6}{'AUC':>8}{'logloss':>9}{'oracle AUC':>12}{'gap':>8}")
     for name, s in m["splits"].items():

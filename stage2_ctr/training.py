@@ -9,6 +9,7 @@ optimizers here, so "Stage 2's DeepFM" is trained the same way wherever it appea
 """
 import copy
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from stage2_ctr.models.optim import RowSparseAdam
+from stage2_ctr.models.optim import RowSparseAdam, RowSparseSGD
 
 
 # ------------------------------------------------------------------------------- precision
@@ -53,7 +54,10 @@ def autocast_for(device, dtype):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def make_optimizers(model, lr, weight_decay=0.0, decoupled=True):
+OPTIMIZERS = ("adam", "adagrad", "sgd")  # the optimizer families make_optimizers builds
+
+
+def make_optimizers(model, lr, weight_decay=0.0, decoupled=True, kind="adam", momentum=0.9):
     """The one optimizer rule of this project:
       - embedding tables built with sparse=True -> RowSparseAdam (lazy Adam: only the rows of
         the batch move; models/optim.py). No weight decay there: a row would decay only on
@@ -63,16 +67,51 @@ def make_optimizers(model, lr, weight_decay=0.0, decoupled=True):
     decoupled=False swaps AdamW for Adam with L2 in the gradient (weight_decay * w added to
     the gradient, then scaled by Adam's 1/sqrt(v): the decay a parameter gets depends on its
     gradient history). Both are the same when weight_decay = 0, the CTR default; the README
-    of Stage 2 has the validation comparison that picked AdamW."""
+    of Stage 2 has the validation comparison that picked AdamW.
+    kind: the optimizer family (08_one_epoch.py compares them; "adam" is the rule above):
+      adagrad  torch.optim.Adagrad for both (it takes sparse gradients; its per-coordinate sum
+               of squared gradients only grows, so steps shrink: a slow-converging optimizer)
+      sgd      SGD with `momentum` for the dense part, RowSparseSGD (lazy momentum) for tables
+    weight_decay: as L2 in the gradient for adagrad and sgd (their torch form)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer {kind!r}: one of {', '.join(OPTIMIZERS)}")
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
     table_ids = {id(t) for t in tables}
     rest = [p for p in model.parameters() if id(p) not in table_ids]
+    if kind == "adagrad":  # its sparse path rebuilds the gradient unchecked: torch says so once
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly")
+        return [torch.optim.Adagrad(ps, lr=lr, weight_decay=wd) for ps, wd in
+                [(rest, weight_decay), (tables, 0.0)] if ps]
+    if kind == "sgd":
+        return ([torch.optim.SGD(rest, lr=lr, momentum=momentum, weight_decay=weight_decay)]
+                if rest else []) + ([RowSparseSGD(tables, lr=lr, momentum=momentum)]
+                                    if tables else [])
     fused = all(p.device.type in ("cpu", "cuda") for p in rest) or None
     dense_opt = torch.optim.AdamW if decoupled else torch.optim.Adam
     opts = [dense_opt(rest, lr=lr, weight_decay=weight_decay, fused=fused)] if rest else []
     if tables:
         opts.append(RowSparseAdam(tables, lr=lr))
     return opts
+
+
+def reset_embeddings(model, optimizers):
+    """The multi-epoch fix of Liu et al. 2023 (MEDA): the embedding tables (every nn.Embedding:
+    the id rows of FeatureEmbedding and of the first-order FeatureLinear) drawn afresh as at
+    construction, and their optimizer state dropped, so the next step starts them like a new
+    run's (Adam's step count and moments included); the MLP, cross layers, dense-field vectors
+    and their optimizer state are kept. Returns the number of tables reset."""
+    tables = [m for m in model.modules() if hasattr(m, "reset_table")]
+    weights = {id(e.weight) for m in tables for e in m.modules() if isinstance(e, nn.Embedding)}
+    if any(isinstance(e, nn.Embedding) and id(e.weight) not in weights for e in model.modules()):
+        raise ValueError(f"{type(model).__name__} has embedding tables that cannot be drawn "
+                         "afresh (no reset_table in their block): --reinit-emb covers the "
+                         "Stage 2 models (FeatureEmbedding, FeatureLinear)")
+    for m in tables:
+        m.reset_table()
+    for opt in optimizers:
+        for p in [p for p in opt.state if id(p) in weights]:
+            del opt.state[p]
+    return len(tables)
 
 
 def make_step(model, optimizers, micro_batch=0, autocast=None):

@@ -73,7 +73,7 @@ class FeatureEmbedding(nn.Module):
         self.table = nn.Embedding(schema.n_buckets + (1 if schema.bags else 0), dim,
                                   sparse=sparse)
         self.dense_vectors = nn.Parameter(torch.empty(schema.n_dense, dim))
-        nn.init.normal_(self.table.weight, std=0.01)
+        self.reset_table()
         if schema.n_dense:
             nn.init.normal_(self.dense_vectors, std=0.01)
 
@@ -85,6 +85,9 @@ class FeatureEmbedding(nn.Module):
             parts.append(bag_mean(self.table(rows), mask, s))
         return torch.cat(parts, dim=1)
 
+    def reset_table(self):  # the id rows' initial draw (training.reset_embeddings re-draws it)
+        nn.init.normal_(self.table.weight, std=0.01)
+
 
 class FeatureLinear(nn.Module):
     """First-order term: b + sum_i w_i x_i (dense) + sum_f w[id_f] (sparse, bags: their mean),
@@ -95,7 +98,7 @@ class FeatureLinear(nn.Module):
         self.schema = schema
         self.weight = nn.Embedding(schema.n_buckets + (1 if schema.bags else 0), 1,
                                    sparse=sparse)
-        nn.init.zeros_(self.weight.weight)
+        self.reset_table()
         if schema.n_dense:
             self.dense = nn.Linear(schema.n_dense, 1)  # includes the bias b
         else:
@@ -109,6 +112,9 @@ class FeatureLinear(nn.Module):
             rows, mask = bag_rows(s, sparse)
             out = out + bag_mean(self.weight(rows), mask, s).sum(dim=(1, 2))
         return out
+
+    def reset_table(self):  # first-order id weights start at zero
+        nn.init.zeros_(self.weight.weight)
 
 
 def fm_interaction(emb):

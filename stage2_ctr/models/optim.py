@@ -113,3 +113,44 @@ class RowSparseAdam(torch.optim.Optimizer):
                                          v.sqrt_().add_(group["eps"]), value=-step_size)
                 weight.index_copy_(0, rows, new_rows)  # repeated rows: identical values
         return None
+
+
+class RowSparseSGD(torch.optim.Optimizer):
+    """Lazy SGD with momentum for parameters with sparse gradients: as RowSparseAdam, only the
+    rows of the batch move, each with its own momentum buffer (torch.optim.SGD would keep one
+    sparse buffer whose index list grows with every step):
+
+        g_r = sum of the gradient rows whose id is r,   m_r = mu m_r + g_r,   w_r = w_r - lr m_r
+    """
+
+    def __init__(self, params, lr=0.1, momentum=0.9):
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"RowSparseSGD: bad lr={lr} or momentum={momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum))
+        self._slots = {}  # table rows -> scratch for distinct_rows; never checkpointed
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("RowSparseSGD needs sparse gradients: build the table "
+                                       "with nn.Embedding(..., sparse=True)")
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                slot = self._slots.get(p.shape[0])
+                if slot is None or slot.device != p.device:
+                    slot = self._slots[p.shape[0]] = torch.empty(p.shape[0], dtype=torch.int64,
+                                                                 device=p.device)
+                ids = p.grad._indices()[0]
+                rows, where = distinct_rows(ids, slot)
+                weight, buf = p.view(p.shape[0], -1), state["momentum_buffer"].view(p.shape[0], -1)
+                values = p.grad._values().reshape(len(ids), -1)
+                g = values.new_zeros((len(rows), weight.shape[1])).index_add_(0, where, values)
+                m = buf.index_select(0, rows).mul_(group["momentum"]).add_(g)
+                buf.index_copy_(0, rows, m)
+                weight.index_copy_(0, rows, weight.index_select(0, rows).sub_(m, alpha=group["lr"]))
+        return None
