@@ -217,7 +217,7 @@ def beside_train(train_files, suffix, runs_dir):
     return Path(runs_dir) / "data_cache" / f"{key}_{path.name}"
 
 
-def dense_stats(stats_path, train_files, runs_dir, rank, say):
+def dense_stats(stats_path, train_files, rank, say, runs_dir=common.RUNS):
     """The train split's dense statistics. Given with --stats: read and checked against the
     train files (stale or broken: an error). Else <train>.stats.json, fitted by rank 0 when
     missing, broken or fitted on another version of the train file (with a notice). A binary
@@ -428,7 +428,7 @@ def train(cfg, resume=False, quiet=False):
     run_dir = Path(cfg.runs_dir) / cfg.run_name
     common.check_writable(run_dir, "--runs-dir/--run-name")
     lock = RunLock(run_dir) if rank == 0 else None  # one live run per folder
-    stats = dense_stats(cfg.stats, cfg.train, cfg.runs_dir, rank, say)
+    stats = dense_stats(cfg.stats, cfg.train, rank, say, cfg.runs_dir)
     rare = rare_filter(cfg.train, cfg.hash_bits, cfg.min_count, cfg.runs_dir, rank, say)
     train_stream = train_source(cfg, stats, rare, device, say)
     if isinstance(train_stream, binary_cache.Preloaded):  # rows skipped while loading it
