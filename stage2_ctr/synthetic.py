@@ -31,6 +31,7 @@ files for any number of workers), and the BLAS is held to one thread while gener
 model's matmuls are tiny, and BLAS threads only spin and fight the other generator process for
 the cores (the git log of 4c98a2a has the measurement).
 """
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
 
 import common
 from stage2_ctr.dataset_files import DatasetWriter, format_rows, hex_word_table, split_of
+from stage2_ctr.train_stats import fingerprint
 
 N_DENSE, N_SPARSE = 13, 26
 U64 = np.uint64
@@ -415,6 +417,8 @@ def make_synthetic(cfg, out_dir):
                                         {k[5:]: v for k, v in a.items() if k.startswith("part:")})
             if funnel:
                 report[name]["funnel"] = score_funnel(a["oracle"])
+            # which file these scores belong to: a trainer uses them only on that file
+            report[name]["file"] = fingerprint(writer.folder / f"{name}.txt")
     meta = {"script": "stage2_ctr/01_make_subset.py", "kind": "synthetic",
             "config": asdict(cfg),
             "columns": (["label"] + (["label2"] if cfg.tasks in (2, "funnel") else [])
@@ -427,6 +431,25 @@ def make_synthetic(cfg, out_dir):
     common.write_json(writer.folder / "meta.json", meta)
     writer.commit()
     return meta
+
+
+def oracle_scores(files, scan):
+    """The oracle's scores of a split that 01_make_subset.py generated (its meta.json), for the
+    trainer to print next to the model's; `scan`: criteo.scan of the file. Used only
+    when the file is the one they were scored on (its rows, and its fingerprint where
+    recorded), not after the split was edited or cut."""
+    meta_path = Path(files[0]).parent / "meta.json"
+    split = Path(files[0]).name.split(".")[0]
+    if len(files) != 1 or not meta_path.exists():
+        return None
+    r = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
+    counted = next(iter(scan["files"].values()))
+    same = r.get("rows") == counted["rows"] + counted["bad_rows"] and (
+        "file" not in r or [r["file"][k] for k in ("size", "md5_head_tail")] == [
+            fingerprint(files[0])[k] for k in ("size", "md5_head_tail")])
+    if "oracle_auc" not in r or not same:
+        return None
+    return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
 
 
 def planted_structure(gen):

@@ -10,7 +10,8 @@ This file reads top to bottom: config, data (every input checked before the firs
 and optimizers, the loop (one evaluate-and-checkpoint site), the report.
 Read with it: stage2_ctr/models/layers.py and the model you train, stage2_ctr/training.py (the
 optimizers and the step), stage2_ctr/criteo.py (the loader, chapter 02), stage2_ctr/
-train_stats.py (dense statistics, rare values) and stage2_ctr/binary_cache.py (chapter 07).
+train_stats.py (dense statistics, rare values), stage2_ctr/binary_cache.py (chapter 07) and
+stage2_ctr/run_state.py (the run folder's lock, last.pt for --resume).
 Run:    python stage2_ctr/train_ctr.py --model deepfm
         python stage2_ctr/train_ctr.py --model dcn --cross-layers 3 --epochs 2 --device cuda
         torchrun --nproc_per_node 2 stage2_ctr/train_ctr.py --model deepfm     # DDP (gloo on CPU)
@@ -21,23 +22,26 @@ Writes: runs/<name>/metrics.json (with the config), curves.png, best.pt (best on
 Time:   the demo (DeepFM, 160k training rows, 2 epochs) ~20 s on 2 CPU cores.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import binary_cache, criteo, train_stats  # noqa: E402
+from stage2_ctr import binary_cache, criteo, synthetic, train_stats  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
+from stage2_ctr.run_state import (RunLock, TrainError, all_ranks,  # noqa: E402
+                                  in_step_with_other_ranks, load_last, save_last)
 from stage2_ctr.training import (OPTIMIZERS, amp_dtype, autocast_for,  # noqa: E402
                                  cpu_has_native_bf16, make_optimizers, make_step, predict,
                                  reset_embeddings)
@@ -84,14 +88,6 @@ class TrainConfig:
     seed: int = 0
     run_name: str = None
     runs_dir: str = str(common.RUNS)
-
-
-# what may change between a run and its --resume (everything else must be equal)
-RESUMABLE = {"epochs", "max_steps", "patience", "eval_every", "ckpt_every", "threads", "runs_dir"}
-
-
-class TrainError(ValueError):
-    """A run that cannot start or continue: the message is one line saying why and what to do."""
 
 
 def parse_args(argv=None):
@@ -175,49 +171,68 @@ def check_inputs(cfg, say):
     """Before any training step: every file readable, no file in two splits, the train files'
     first rows parse, val and test read whole (rows, bad rows, both classes present - AUC needs
     both). The train split may instead be one binary cache folder (07_binary_cache.py), checked
-    by opening it. Returns the bad-row counts of val and test."""
-    cache = binary_cache.is_cache(cfg.train[0])
-    if cache:
+    by binary_cache.check_for_training; its recorded sources take part in the overlap check.
+    Returns the bad-row counts per split (the cache's as counted when it was made) and the
+    val/test scans."""
+    cache = None
+    if binary_cache.is_cache(cfg.train[0]):
         if len(cfg.train) > 1:
             raise TrainError(f"--train {cfg.train[0]} is a binary cache: give it alone")
-        binary_cache.BinaryStream(cfg.train[0], cfg.batch_size)  # whole, sources unchanged
-    where = {}
-    for split, files in [("train", [] if cache else cfg.train), ("val", cfg.val),
+        cache = binary_cache.check_for_training(cfg.train[0], cfg.hash_bits, cfg.batch_size)
+    bad_rows, scans, where = {}, {}, {}
+    for split, files in [("train", cache["sources"] if cache else cfg.train), ("val", cfg.val),
                          ("test", cfg.test)]:
-        for path in criteo.check_paths(files):
+        for path in (map(Path, files) if cache and split == "train" else
+                     criteo.check_paths(files)):
             other = where.setdefault(path.resolve(), split)
             if other != split:
-                raise TrainError(f"{path}: is in --{other} and in --{split}; a model scored on "
-                                 "rows it trained on (or tuned on) says nothing - split it first")
+                raise TrainError(f"{path}: is in --{other} and in --{split}"
+                                 f"{f' (as a source of {cfg.train[0]})' if cache else ''}; a "
+                                 "model scored on rows it trained on (or tuned on) says nothing"
+                                 " - split it first")
     if not cache and criteo.scan(cfg.train, stop_after=1)["rows"] == 0:
         raise TrainError(f"{cfg.train[0]}: no data rows (blank lines only?)")
-    bad_rows = {}
+    if cache:
+        bad_rows["train"] = cache.get("bad_rows", {})
+        for line in criteo.describe_bad_rows(bad_rows["train"]):
+            say(f"train (counted when {cfg.train[0]} was made): {line}")
     for split, files in [("val", cfg.val), ("test", cfg.test)]:
-        s = criteo.scan(files)
+        s = scans[split] = criteo.scan(files)
         if s["rows"] == 0 or s["positives"][0] in (0, s["rows"]):
             raise TrainError(f"{files[0]}: --{split} has {s['rows']:,} rows and "
                              f"{s['positives'][0]:,.0f} positives; AUC needs both classes")
         bad_rows[split] = s["files"]
         for line in criteo.describe_bad_rows(s["files"]):
             say(f"{split}: {line}")
-    return bad_rows
+    return bad_rows, scans
 
 
-def dense_stats(stats_path, train_files, rank, say):
+def beside_train(train_files, suffix, runs_dir):
+    """Where a file fitted on the train split is kept: next to the first train file
+    (<train>.stats.json, <train>.counts20.npz) when that folder is writable, else under
+    <runs-dir>/data_cache/ (a read-only data folder is still usable)."""
+    path = Path(str(train_files[0]) + suffix)
+    if os.access(path.parent, os.W_OK):
+        return path
+    key = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:8]
+    return Path(runs_dir) / "data_cache" / f"{key}_{path.name}"
+
+
+def dense_stats(stats_path, train_files, rank, say, runs_dir=common.RUNS):
     """The train split's dense statistics. Given with --stats: read and checked against the
     train files (stale or broken: an error). Else <train>.stats.json, fitted by rank 0 when
     missing, broken or fitted on another version of the train file (with a notice). A binary
-    cache has its statistics baked in: those (or None, raw values) are the ones val/test use."""
+    cache has its statistics baked in: those (or None, raw values) are the ones val/test use,
+    and a --stats that differs from them is refused."""
+    if stats_path and not Path(stats_path).is_file():
+        raise TrainError(f"--stats {stats_path}: not found; leave --stats out to fit them "
+                         f"from the train file, or make it with python stage2_ctr/"
+                         f"02_dataloader.py --fit-stats {train_files[0]}")
     if binary_cache.is_cache(train_files[0]):
-        meta = json.loads((Path(train_files[0]) / "meta.json").read_text())
-        return meta.get("dense_stats_values")
+        return binary_cache.baked_stats(train_files[0], stats_path)
     if stats_path:
-        if not Path(stats_path).is_file():
-            raise TrainError(f"--stats {stats_path}: not found; leave --stats out to fit them "
-                             f"from the train file, or make it with python stage2_ctr/"
-                             f"02_dataloader.py --fit-stats {train_files[0]}")
         return train_stats.load_stats(stats_path, train_files)
-    path = Path(str(train_files[0]) + ".stats.json")
+    path = beside_train(train_files, ".stats.json", runs_dir)
     if rank == 0:
         try:
             train_stats.load_stats(path, train_files) if path.exists() else None
@@ -231,34 +246,21 @@ def dense_stats(stats_path, train_files, rank, say):
     return train_stats.load_stats(path)
 
 
-def rare_filter(train_files, hash_bits, min_count, rank, say):
+def rare_filter(train_files, hash_bits, min_count, runs_dir, rank, say):
     """train_stats.RareFilter from the bucket counts of the train files (None when min_count is 0).
-    The counts are cached next to the first train file with the fingerprints of the files
-    they were counted on, and recounted when those changed."""
+    The counts are cached beside the first train file (beside_train) with the fingerprints of
+    the files they were counted on, and recounted when those changed."""
     if not min_count:
         return None
     if binary_cache.is_cache(train_files[0]):
         counts = binary_cache.cache_counts(train_files[0], hash_bits)
         return _announce(train_stats.RareFilter(counts, min_count, hash_bits), counts, say)
-    path = Path(str(train_files[0]) + f".counts{hash_bits}.npz")
-    now = json.dumps([train_stats.fingerprint(p) for p in criteo.check_paths(train_files)])
+    path = beside_train(train_files, f".counts{hash_bits}.npz", runs_dir)
     if rank == 0:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                fresh = str(z["sources"]) == now
-        except (OSError, KeyError, ValueError):
-            fresh = False
-        if not fresh:
-            counts = train_stats.count_buckets(train_files, hash_bits)
-
-            def write(tmp):
-                with open(tmp, "wb") as f:
-                    np.savez(f, counts=counts, sources=np.array(now))
-            common.atomic_write(path, write)
+        train_stats.cached_bucket_counts(path, train_files, hash_bits)
     if dist.is_initialized():
         dist.barrier()
-    with np.load(path, allow_pickle=False) as z:
-        counts = z["counts"]
+    counts = train_stats.cached_bucket_counts(path, train_files, hash_bits)  # fresh: a read
     return _announce(train_stats.RareFilter(counts, min_count, hash_bits), counts, say)
 
 
@@ -269,16 +271,20 @@ def _announce(filt, counts, say):
     return filt
 
 
-def train_source(cfg, stats, rare, device):
+def train_source(cfg, stats, rare, device, say):
     """Where the training batches come from: the text loader (workers hand over 8 batches at
     a time and report their bad rows at the end of each pass), a binary cache folder read in
-    blocks, or - with --preload device - the whole split resident in device memory."""
+    blocks, or - with --preload device - the whole split resident in device memory (streamed
+    there in chunks; what it needs is said before it starts)."""
     shuffle = cfg.shuffle_buffer > 0
     if cfg.preload == "device":
         source = cfg.train[0] if binary_cache.is_cache(cfg.train[0]) else cfg.train
-        return binary_cache.Preloaded(binary_cache.read_all(source, cfg.hash_bits, stats,
-                                                            rare_filter=rare),
-                                      cfg.batch_size, device, shuffle=shuffle, seed=cfg.seed)
+        rows, on_device, on_host = binary_cache.preload_plan(source)
+        say(f"--preload device: ~{rows:,} rows (this rank's) need ~{on_device / 2**20:,.0f} "
+            f"MiB of {device} memory and ~{on_host / 2**20:,.0f} MiB of host memory while "
+            f"loading ({binary_cache.CHUNK_ROWS:,} rows at a time)")
+        return binary_cache.preload(source, cfg.batch_size, device, cfg.hash_bits, stats,
+                                    rare, shuffle=shuffle, seed=cfg.seed)
     if binary_cache.is_cache(cfg.train[0]):
         return binary_cache.BinaryStream(cfg.train[0], cfg.batch_size, shuffle=shuffle,
                                          seed=cfg.seed, rare_filter=rare)
@@ -310,10 +316,21 @@ def epoch_batches(stream, epoch, num_workers, batch_size, seed, device, reports)
 
 # ------------------------------------------------------------------ model, devices
 def setup_distributed(device_name):
-    """torchrun sets RANK/WORLD_SIZE; one process = one rank. gloo on CPU, nccl on CUDA."""
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; one process = one rank, rank r of a machine on
+    its GPU r. gloo on CPU, nccl on CUDA. More ranks on a machine than it has GPUs (or every
+    rank on one cuda:N) is refused here, before the process group waits for them."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = common.resolve_device(device_name, local)
+    device = common.resolve_device("auto" if device_name == "cuda" else device_name, local)
+    if world > 1 and device.type == "cuda":
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+        if device_name.startswith("cuda:"):
+            raise TrainError(f"--device {device_name} with {world} DDP ranks: every rank would "
+                             "use the same GPU; pass --device cuda (rank r takes GPU r)")
+        if max(per_machine, local + 1) > torch.cuda.device_count():
+            raise TrainError(f"torchrun started {per_machine} ranks on a machine with "
+                             f"{torch.cuda.device_count()} CUDA device(s): use --nproc_per_node "
+                             f"{torch.cuda.device_count()}, or --device cpu (gloo)")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -322,10 +339,19 @@ def setup_distributed(device_name):
     return rank, (dist.get_world_size() if dist.is_initialized() else 1), device
 
 
-def build(cfg, device):
-    """The model (sparse tables on CPU by default), its optimizers, the module to train
-    (compiled and/or DDP-wrapped) and whether the tables are sparse."""
-    sparse = cfg.sparse_emb == "on" or (cfg.sparse_emb == "auto" and device.type == "cpu")
+def sparse_tables(sparse_emb, device, world):
+    """--sparse-emb -> whether the tables get sparse gradients (RowSparseAdam). auto: on a CPU,
+    dense on a GPU. DDP all-reduces the gradients, and NCCL (CUDA) cannot all-reduce sparse
+    ones: there auto is dense and on is refused (gloo, on the CPU, can)."""
+    if sparse_emb == "on" and device.type == "cuda" and world > 1:
+        raise TrainError("--sparse-emb on with DDP on CUDA: NCCL cannot all-reduce sparse "
+                         "gradients; use --sparse-emb auto (dense tables there) or the CPU")
+    return sparse_emb == "on" or (sparse_emb == "auto" and device.type == "cpu")
+
+
+def build(cfg, device, sparse):
+    """The model (sparse tables: sparse_tables), its optimizers and the module to train
+    (compiled and/or DDP-wrapped)."""
     model = build_model(cfg.model, criteo_schema(cfg.hash_bits), emb_dim=cfg.emb_dim,
                         mlp=cfg.mlp, dropout=cfg.dropout, cross_layers=cfg.cross_layers,
                         sparse=sparse).to(device)
@@ -335,7 +361,7 @@ def build(cfg, device):
     if dist.is_initialized():
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device] if device.type == "cuda" else None)
-    return model, optimizers, train_model, sparse
+    return model, optimizers, train_model
 
 
 # ------------------------------------------------------- evaluation and checkpoints
@@ -357,46 +383,6 @@ def data_fingerprints(cfg):
         paths = [Path(files[0]) / "meta.json"] if binary_cache.is_cache(files) else files
         out[split] = [train_stats.fingerprint(p) for p in paths]
     return out
-
-
-def oracle_scores(files):
-    """On synthetic data 01_make_subset.py wrote the oracle's scores into meta.json."""
-    meta_path = Path(files[0]).parent / "meta.json"
-    split = Path(files[0]).name.split(".")[0]
-    if len(files) != 1 or not meta_path.exists():
-        return None
-    r = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
-    if "oracle_auc" not in r:
-        return None
-    return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
-
-
-def save_last(path, model, optimizers, state, cfg):
-    common.torch_save({"model": model.state_dict(), "state": state,
-                       "rng": torch.get_rng_state(), "config": asdict(cfg),
-                       "optimizers": [o.state_dict() for o in optimizers]}, path)
-
-
-def load_last(path, model, optimizers, device, cfg):
-    """The state of an interrupted run, after checking that last.pt is whole and was written
-    with this config (what may differ: RESUMABLE)."""
-    try:
-        ckpt = torch.load(path, weights_only=True, map_location=device)
-        saved = json.loads(json.dumps(ckpt["config"]))
-    except Exception as e:  # a truncated file fails inside torch/zip with varying types
-        raise TrainError(f"{path}: truncated or not a checkpoint of this trainer "
-                         f"({type(e).__name__}); delete it to start over") from None
-    now = json.loads(json.dumps(asdict(cfg)))
-    differ = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
-    if differ:
-        raise TrainError(f"--resume: {path} was written with " + ", ".join(
-            f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in differ)
-            + "; resume with the same settings, or start a new --run-name")
-    model.load_state_dict(ckpt["model"])
-    for opt, sd in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(sd)
-    torch.set_rng_state(ckpt["rng"])
-    return ckpt["state"]
 
 
 def eval_batches(cfg, world):
@@ -438,15 +424,23 @@ def train(cfg, resume=False, quiet=False):
     say = (lambda *a: None) if quiet or rank else tqdm.write
 
     # data: every input checked before the first step; statistics fitted on train only
-    bad_rows = check_inputs(cfg, say)
-    stats = dense_stats(cfg.stats, cfg.train, rank, say)
-    rare = rare_filter(cfg.train, cfg.hash_bits, cfg.min_count, rank, say)
-    train_stream = train_source(cfg, stats, rare, device)
+    bad_rows, scans = check_inputs(cfg, say)
+    sparse = sparse_tables(cfg.sparse_emb, device, world)
+    run_dir = Path(cfg.runs_dir) / cfg.run_name
+    common.check_writable(run_dir, "--runs-dir/--run-name")
+    lock = RunLock(run_dir) if rank == 0 else None  # one live run per folder
+    stats = dense_stats(cfg.stats, cfg.train, rank, say, cfg.runs_dir)
+    rare = rare_filter(cfg.train, cfg.hash_bits, cfg.min_count, cfg.runs_dir, rank, say)
+    train_stream = train_source(cfg, stats, rare, device, say)
+    if isinstance(train_stream, binary_cache.Preloaded):  # rows skipped while loading it
+        bad_rows["train"] = train_stream.bad_rows
+        for line in criteo.describe_bad_rows(bad_rows["train"]):
+            say(f"train: {line}")
     val_stream, test_stream = (criteo.CriteoStream(f, cfg.batch_size, cfg.hash_bits, stats,
                                                    rare_filter=rare) for f in (cfg.val, cfg.test))
 
     # model, optimizers, precision
-    model, optimizers, train_model, sparse = build(cfg, device)
+    model, optimizers, train_model = build(cfg, device, sparse)
     autocast = autocast_for(device, amp_dtype(cfg.amp, device))
     if cfg.amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         say("notice: --amp bf16 on a CPU without bf16 instructions (no avx512_bf16/amx_bf16): "
@@ -455,15 +449,15 @@ def train(cfg, resume=False, quiet=False):
     evals_inside = eval_batches(cfg, world)
 
     # the run folder, and where to start: from scratch or from last.pt (--resume)
-    run_dir = Path(cfg.runs_dir) / cfg.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    train_data = data_fingerprints(cfg)["train"]
     if rank == 0:
         common.remove_stale_tmp(run_dir)  # half-written files of a killed run
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "best_auc": -1.0, "best_step": 0,
              "bad_evals": 0, "history": [], "samples": 0, "train_seconds": 0.0, "loss_sum": 0.0,
              "loss_n": 0}
     if resume and (run_dir / "last.pt").exists():
-        state = load_last(run_dir / "last.pt", model, optimizers, device, cfg)
+        state = load_last(run_dir / "last.pt", model, optimizers, device, cfg, sparse,
+                          train_data)
         say(f"resumed from {run_dir / 'last.pt'} at step {state['step']}")
     elif resume:
         say(f"--resume: there is no {run_dir / 'last.pt'}; starting from scratch")
@@ -479,32 +473,48 @@ def train(cfg, resume=False, quiet=False):
     loss_sum = torch.tensor(state["loss_sum"], dtype=torch.float64, device=device)
     loss_n = state["loss_n"]
 
+    if world > 1:
+        say("DDP: every rank takes the same number of steps per epoch, the shortest shard's "
+            "(agreed by an all-reduce each step); a longer shard's extra batches sit that "
+            "epoch out")
+
+    def interrupted(*_):  # Ctrl-C: one line with the step reached (a closure: the current step)
+        raise TrainError(f"interrupted at step {step}; " + (
+            "resume with --resume" if (run_dir / "last.pt").exists() else
+            "no last.pt to resume from (--ckpt-every N writes one)"))
+    previous_handler = signal.signal(signal.SIGINT, interrupted)
     bar = tqdm(total=cfg.max_steps or None, initial=step, unit=" step", disable=quiet or rank != 0)
     stop = False
     while epoch < cfg.epochs and not stop:
         t0, reports = time.perf_counter(), []
         batches = epoch_batches(train_stream, epoch, cfg.num_workers, cfg.batch_size, cfg.seed,
                                 device, reports)
+        if world > 1:
+            batches = in_step_with_other_ranks(batches, world, first=step == 0)
         reinit_at_epoch_start(cfg, epoch, batches_in_epoch, model, optimizers, say)
         for i, ((dense, sparse_ids, label), last) in enumerate(batches):
-            if i < batches_in_epoch:
-                continue  # resume: the stream is deterministic, skip what already ran
+            if i < batches_in_epoch:  # resume: the stream is deterministic, skip what ran
+                if last:
+                    raise TrainError(f"--resume: the epoch has {i + 1} batches now, last.pt "
+                                     f"was at batch {batches_in_epoch}: start a new --run-name")
+                continue
             # one step; the loss stays on the device
             loss = step_fn(dense.to(device, non_blocking=True),
                            sparse_ids.to(device, non_blocking=True),
                            label.to(device, non_blocking=True))
             loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            step, batches_in_epoch, samples = step + 1, i + 1, samples + len(label) * world
+            step, batches_in_epoch, samples = step + 1, i + 1, samples + len(label)
             bar.update(1)
             if step % 50 == 0:  # the progress bar: the only read between evaluations
                 seconds = train_seconds + time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum.item() / loss_n:.4f}",
-                                samples_s=f"{samples / seconds:,.0f}")
-            if last:  # the epoch is over: its bad rows, counted by the loader workers
+                                samples_s=f"{samples / seconds:,.0f}")  # this rank's
+            if last:  # the epoch is over: its bad rows, counted by the text loader's workers
                 epoch, batches_in_epoch = epoch + 1, 0
-                bad_rows["train"] = criteo.merge_reports(reports)
-                for line in criteo.describe_bad_rows(bad_rows["train"]):
-                    say(f"train, epoch {epoch}: {line}")
+                if isinstance(train_stream, criteo.CriteoStream):
+                    bad_rows["train"] = criteo.merge_reports(reports)
+                    for line in criteo.describe_bad_rows(bad_rows["train"]):
+                        say(f"train, epoch {epoch}: {line}")
             # evaluate (and keep the best model): every eval_every steps, at each epoch end,
             # at max_steps; stop when val AUC has not improved for `patience` evaluations
             at_max = cfg.max_steps and step >= cfg.max_steps
@@ -534,10 +544,14 @@ def train(cfg, resume=False, quiet=False):
                          "history": history, "samples": samples,
                          "train_seconds": train_seconds, "loss_sum": loss_sum.item(),
                          "loss_n": loss_n}
-                save_last(run_dir / "last.pt", model, optimizers, state, cfg)
+                save_last(run_dir / "last.pt", model, optimizers, state, cfg, device, sparse,
+                          train_data)
             if stop:
                 break
     bar.close()
+    signal.signal(signal.SIGINT, previous_handler)
+    if dist.is_initialized():  # every rank's own rows: the run's samples
+        samples = int(sum(all_ranks(samples)))
 
     # test the best checkpoint; metrics.json, curves.png and the report
     if (run_dir / "best.pt").exists():
@@ -546,7 +560,7 @@ def train(cfg, resume=False, quiet=False):
     splits = {"val": evaluate(model, val_stream, device, autocast),
               "test": evaluate(model, test_stream, device, autocast)}
     for name, files in [("val", cfg.val), ("test", cfg.test)]:
-        oracle = oracle_scores(files)
+        oracle = synthetic.oracle_scores(files, scans[name])
         if oracle:
             splits[name].update(oracle=oracle, auc_gap_to_oracle=oracle["auc"] -
                                 splits[name]["auc"], logloss_gap_to_oracle=splits[name][
@@ -558,6 +572,7 @@ def train(cfg, resume=False, quiet=False):
                "best_step": best_step, "best_epoch": best_epoch_of(history, best_step),
                "steps": step, "history": history, "bad_rows": bad_rows,
                "parameters": sum(p.numel() for p in model.parameters()),
+               "train_samples": samples,  # all ranks' rows
                "train_samples_per_s": samples / max(train_seconds, 1e-9),
                "peak_rss_mb": common.peak_rss_mb(),
                "peak_gpu_mb": (torch.cuda.max_memory_allocated(device) / 2**20
@@ -572,7 +587,9 @@ def train(cfg, resume=False, quiet=False):
             plot_curves(history, run_dir / "curves.png")
         if not quiet:
             report(metrics, run_dir)
+        lock.release()
     if dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still reports
         dist.destroy_process_group()
     return metrics
 
@@ -607,10 +624,15 @@ def report(m, run_dir):
 
 def main(argv=None):
     cfg, resume, quiet = parse_args(argv)
+    handler = signal.getsignal(signal.SIGINT)
     try:
         return train(cfg, resume, quiet)
-    except (criteo.CriteoFormatError, TrainError) as e:
+    except (criteo.CriteoFormatError, TrainError, common.OutputError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: interrupted (Ctrl-C) before the first step; nothing to resume")
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 if __name__ == "__main__":

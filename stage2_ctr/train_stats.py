@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import common
 from stage2_ctr.criteo import (N_DENSE, N_SPARSE, CriteoFormatError, bucket_of, check_path,
                                check_paths, hash_strings, iter_blocks, open_binary, parse_block)
 
@@ -107,6 +108,25 @@ def count_buckets(paths, hash_bits, n_labels=1, chunk_bytes=8 << 20):
             p = parse_block(np.frombuffer(raw + b"\0" * 8, dtype=np.uint8), n_labels)
             counts += np.bincount(bucket_of(p["hashes"], hash_bits).ravel(),
                                   minlength=1 << hash_bits)
+    return counts
+
+
+def cached_bucket_counts(path, paths, hash_bits):
+    """count_buckets, kept in an .npz at `path` with the fingerprints of the files they were
+    counted on: read back while those are unchanged, else counted again and written."""
+    now = json.dumps([fingerprint(p) for p in check_paths(paths)])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["sources"]) == now:
+                return z["counts"]
+    except (OSError, KeyError, ValueError):
+        pass
+    counts = count_buckets(paths, hash_bits)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, counts=counts, sources=np.array(now))
+    common.atomic_write(path, write)
     return counts
 
 

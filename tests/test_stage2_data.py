@@ -277,14 +277,16 @@ def test_make_subset_missing_input_is_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------- the binary cache
-cache = load_script("stage2_ctr/07_binary_cache.py")  # the chapter; the code is in criteo.py
+cache = load_script("stage2_ctr/07_binary_cache.py")  # the chapter; the code: binary_cache.py
 
 
 def test_binary_cache_gives_back_the_loaders_batches(synth, tmp_path):
     out, _ = synth
     folder = tmp_path / "train.bin"
     meta = cache.main([str(out / "train.txt"), "--out", str(folder), "--workers", "0"])
-    dense, sparse, label, _ = read_all([out / "train.txt"])
+    # the cache standardizes with the statistics the trainer fits on the same file
+    dense, sparse, label, _ = read_all([out / "train.txt"], dense_stats=cache.trainer_stats(
+        [out / "train.txt"], 1))
     assert meta["rows"] == len(label) and not list(tmp_path.glob("*.tmp"))
     batches = list(binary_cache.BinaryStream(folder, 512))
     assert len(batches[0][0]) == 512 and batches[0][1].dtype == torch.int64
