@@ -1,7 +1,6 @@
 """The synthetic click model of Stage 2: Criteo-format rows drawn from a KNOWN probability, so
 every experiment can be scored against the best possible model (the oracle). Read it with
-stage2_ctr/01_make_subset.py, the chapter that runs it (--synthetic N); the bytes are written by
-stage2_ctr/dataset_files.py.
+01_make_subset.py, the chapter that runs it (--synthetic N); dataset_files.py writes the bytes.
 
 The click model (all parameters drawn from the seed), in one of three regimes (--interactions):
   logit = bias + sum_f w_f[x_f]                            first order (every regime)
@@ -26,10 +25,7 @@ The oracle holds FUNNEL_ORACLE per row: pCTR, pCVR, pCTCVR = pCTR * pCVR (given 
 u integrated out: E[pCVR | x] (the best from x), P(conversion | x, click) (a clicked-rows fit's).
 Column layout: label [label2] I1..I13 C1..C26 (40 or 41 tab-separated fields; funnel: label2).
 
-Speed: rows are drawn and formatted in chunks of ~16k rows by forked worker processes (the same
-files for any number of workers), and the BLAS is held to one thread while generating: the click
-model's matmuls are tiny, and BLAS threads only spin and fight the other generator process for
-the cores (the git log of 4c98a2a has the measurement).
+Speed: forked workers draw ~16k-row chunks (the same files for any count), BLAS on one thread.
 """
 import json
 import time
@@ -397,7 +393,7 @@ def make_synthetic(cfg, out_dir):
     Returns the meta dict (rows, positive rates and the oracle's scores per split)."""
     t0 = time.perf_counter()
     writer = DatasetWriter(out_dir)  # everything goes to a temporary folder, swapped in at the end
-    with threadpool_limits(limits=1, user_api="blas"):  # see the header; forked workers inherit it
+    with threadpool_limits(limits=1, user_api="blas"):  # tiny matmuls: BLAS threads only spin
         gen = Generator(cfg)
         arrays = generate_into(gen, cfg, writer)
     writer.close_splits()
@@ -431,25 +427,6 @@ def make_synthetic(cfg, out_dir):
     common.write_json(writer.folder / "meta.json", meta)
     writer.commit()
     return meta
-
-
-def oracle_scores(files, scan):
-    """The oracle's scores of a split that 01_make_subset.py generated (its meta.json), for the
-    trainer to print next to the model's; `scan`: criteo.scan of the file. Used only
-    when the file is the one they were scored on (its rows, and its fingerprint where
-    recorded), not after the split was edited or cut."""
-    meta_path = Path(files[0]).parent / "meta.json"
-    split = Path(files[0]).name.split(".")[0]
-    if len(files) != 1 or not meta_path.exists():
-        return None
-    r = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
-    counted = next(iter(scan["files"].values()))
-    same = r.get("rows") == counted["rows"] + counted["bad_rows"] and (
-        "file" not in r or [r["file"][k] for k in ("size", "md5_head_tail")] == [
-            fingerprint(files[0])[k] for k in ("size", "md5_head_tail")])
-    if "oracle_auc" not in r or not same:
-        return None
-    return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
 
 
 def planted_structure(gen):

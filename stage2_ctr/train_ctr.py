@@ -38,7 +38,7 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import common  # noqa: E402
-from stage2_ctr import binary_cache, criteo, synthetic, train_stats  # noqa: E402
+from stage2_ctr import binary_cache, criteo, train_stats  # noqa: E402
 from stage2_ctr.models import MODELS, build_model, criteo_schema  # noqa: E402
 from stage2_ctr.run_state import (RunLock, TrainError, all_ranks,  # noqa: E402
                                   in_step_with_other_ranks, load_last, save_last)
@@ -560,7 +560,7 @@ def train(cfg, resume=False, quiet=False):
     splits = {"val": evaluate(model, val_stream, device, autocast),
               "test": evaluate(model, test_stream, device, autocast)}
     for name, files in [("val", cfg.val), ("test", cfg.test)]:
-        oracle = synthetic.oracle_scores(files, scans[name])
+        oracle = train_stats.oracle_scores(files, scans[name])
         if oracle:
             splits[name].update(oracle=oracle, auc_gap_to_oracle=oracle["auc"] -
                                 splits[name]["auc"], logloss_gap_to_oracle=splits[name][

@@ -183,3 +183,22 @@ def collision_report(paths, hash_bits, n_labels=1, max_rows=None):
             "distinct_buckets": int(len(buckets)),
             "values_in_shared_buckets": float(per_bucket[per_bucket > 1].sum() / n),
             "excess_values": float(1 - len(buckets) / n)}
+
+
+def oracle_scores(files, scan):
+    """The oracle's scores of a split that 01_make_subset.py generated (its meta.json), for the
+    trainer to print next to the model's; `scan`: criteo.scan of the file. Used only
+    when the file is the one they were scored on (its rows, and its fingerprint where
+    recorded), not after the split was edited or cut."""
+    meta_path = Path(files[0]).parent / "meta.json"
+    split = Path(files[0]).name.split(".")[0]
+    if len(files) != 1 or not meta_path.exists():
+        return None
+    r = json.loads(meta_path.read_text()).get("splits", {}).get(split, {})
+    counted = next(iter(scan["files"].values()))
+    same = r.get("rows") == counted["rows"] + counted["bad_rows"] and (
+        "file" not in r or [r["file"][k] for k in ("size", "md5_head_tail")] == [
+            fingerprint(files[0])[k] for k in ("size", "md5_head_tail")])
+    if "oracle_auc" not in r or not same:
+        return None
+    return {"auc": r["oracle_auc"][0], "logloss": r["oracle_logloss"][0]}
