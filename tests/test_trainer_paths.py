@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -95,11 +96,13 @@ def test_resume_on_a_changed_train_file_refuses_instead_of_looping(data, tmp_pat
 
 # ---------------------------------------------------- issue 19, 3 + issue 25, 4: DDP, 2 ranks
 def free_port(n=4):
-    """The first of n consecutive free ports (one per run of a rank)."""
+    """The first of n consecutive free ports (one per run of a rank), below the kernel's
+    ephemeral range (32768-60999 by default): a port from that range can be taken, between this
+    check and a later run's bind, by the ranks' own outgoing connections - rank 0 then cannot
+    listen and rank 1 waits for it until the test's timeout (seen once in a fresh-clone run)."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
+        first = random.randrange(max(1024, low - 12000), low - n)
         try:
             for k in range(n):
                 with socket.socket() as s:
