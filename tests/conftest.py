@@ -28,6 +28,15 @@ def load_script(relpath):
     return module
 
 
+def one_line_exit(fn, *args):
+    """Run fn, which must exit with one 'error: ...' line (no traceback); return that line."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
 def write_tiny_adult(folder, n_train=800, n_test=400):
     """First rows of the real files, keeping adult.test's header line, the '.' labels and the
     blank last line."""

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, one_line_exit
 
 import common
 from stage1_adult import adult_data
@@ -32,13 +32,6 @@ S3 = "stage3_advanced/0"
 def chapter(name):
     return load_script(CHAPTERS[name])
 
-
-def one_line(fn, *args):
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def argparse_error(name, argv, capsys):
@@ -161,7 +154,7 @@ def test_unwritable_outputs_are_one_line_before_any_work(name, case, tmp_path, m
         def refuse(*a, **kw):
             raise OSError(errno.EROFS, "Read-only file system")
         monkeypatch.setattr(common.tempfile, "mkstemp", refuse)
-    msg = one_line(chapter(name).main, out_argv(name, path))
+    msg = one_line_exit(chapter(name).main, out_argv(name, path))
     assert "cannot write here" in msg
     assert {"a file on the path": "a file stands where a folder", "read-only": "not writable",
             "a name over 255 bytes": "longer than the file system allows"}[case] in msg
@@ -171,11 +164,11 @@ def test_a_full_disk_at_the_end_is_one_line(tiny_adult, tiny_npz, tmp_path, monk
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(common.os, "replace", full)
-    msg = one_line(chapter("stage1_adult/02_preprocess").main,
+    msg = one_line_exit(chapter("stage1_adult/02_preprocess").main,
                    ["--data-dir", str(tiny_adult), "--out", str(tmp_path / "a.npz"),
                     "--min-count", "3"])
     assert f"{tmp_path / 'a.npz'}: cannot write here: the disk is full" in msg
-    msg = one_line(chapter("stage1_adult/03_train_mtml").main,
+    msg = one_line_exit(chapter("stage1_adult/03_train_mtml").main,
                    ["--npz", str(tiny_npz[0]), "--epochs", "1", "--threads", "1", "--quiet",
                     "--runs-dir", str(tmp_path)])
     assert "metrics.json: cannot write here: the disk is full" in msg
@@ -185,7 +178,7 @@ def test_a_full_disk_at_the_end_is_one_line(tiny_adult, tiny_npz, tmp_path, monk
 # ----------------------------------------------------------------------- NaN is not a table
 def test_a_nan_metric_is_an_error_line_not_a_table(tmp_path):
     out = tmp_path / "dot.md"
-    msg = one_line(chapter("stage2_ctr/04_can_an_mlp_multiply").main,
+    msg = one_line_exit(chapter("stage2_ctr/04_can_an_mlp_multiply").main,
                    ["--ks", "4", "--rows-per-id", "8", "--widths", "8", "--ids", "20",
                     "--epochs", "2", "--lr", "1e12", "--threads", "1", "--out", str(out),
                     "--runs-dir", str(tmp_path)])
@@ -259,13 +252,13 @@ def test_adult_with_an_extra_column_or_tabs_is_one_line(tmp_path, how, message):
 
 def test_a_synthetic_set_with_an_empty_split_is_one_line_and_nothing_is_swapped_in(tmp_path):
     make = load_script("stage2_ctr/01_make_subset.py")
-    msg = one_line(make.main, ["--synthetic", "1", "--out-dir", str(tmp_path / "one"),
+    msg = one_line_exit(make.main, ["--synthetic", "1", "--out-dir", str(tmp_path / "one"),
                                "--workers", "1"])
     assert "one: the train and test splits got no rows (1 rows in all); ask for more rows" in msg
     assert not (tmp_path / "one").exists() and not list(tmp_path.iterdir())
     make.main(["--synthetic", "300", "--out-dir", str(tmp_path / "set"), "--workers", "1"])
     before = {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()}
-    msg = one_line(make.main, ["--synthetic", "5", "--out-dir", str(tmp_path / "set"),
+    msg = one_line_exit(make.main, ["--synthetic", "5", "--out-dir", str(tmp_path / "set"),
                                "--workers", "1"])
     assert "the test split got no rows (5 rows in all)" in msg
     assert {p.name: p.read_bytes() for p in (tmp_path / "set").iterdir()} == before

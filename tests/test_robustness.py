@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, one_line_exit
 
 from stage1_adult import adult_data
 from stage2_ctr import binary_cache, criteo, dataset_files, train_ctr, train_stats
@@ -37,14 +37,6 @@ def batches_of(paths, **kw):
     dense, sparse, label = (torch.cat(x) for x in zip(*list(stream)))
     return dense, sparse, label, stream
 
-
-def one_line_exit(fn, *args):
-    """Run fn, which must exit with one 'error: ...' line; return that line."""
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def md5_of(folder):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script
+from conftest import ROOT, load_script, one_line_exit
 
 import common
 from stage2_ctr import binary_cache, criteo, run_state, train_ctr
@@ -34,13 +34,6 @@ def data(tmp_path_factory):
     make.main(["--synthetic", "3000", "--out-dir", str(out), "--workers", "1"])
     return out
 
-
-def one_line_exit(fn, *args):
-    with pytest.raises(SystemExit) as e:
-        fn(*args)
-    msg = str(e.value.code)
-    assert msg.startswith("error: ") and "\n" not in msg and "Traceback" not in msg, msg
-    return msg
 
 
 def md5_tree(folder):
