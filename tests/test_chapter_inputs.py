@@ -33,7 +33,6 @@ def chapter(name):
     return load_script(CHAPTERS[name])
 
 
-
 def argparse_error(name, argv, capsys):
     with pytest.raises(SystemExit) as e:
         chapter(name).parse_args(argv)

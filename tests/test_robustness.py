@@ -38,7 +38,6 @@ def batches_of(paths, **kw):
     return dense, sparse, label, stream
 
 
-
 def md5_of(folder):
     return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

@@ -35,7 +35,6 @@ def data(tmp_path_factory):
     return out
 
 
-
 def md5_tree(folder):
     return {str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
