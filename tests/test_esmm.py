@@ -2,6 +2,7 @@
 bad-row rule, ESMM's loss against a per-row loop, and stage3_advanced/09_esmm.py end to end."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,10 +129,35 @@ def test_the_esmm_chapter_quick_end_to_end(tmp_path):
                   "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--threads", "1"])
     text = out.read_text()
     for what in ["## observables", "| esmm |", "| esmm_ple |", "| naive_cvr |",
-                 "| best from x |", "learning curve", "Machine: "]:
+                 "| best from x |", "## Summary", "| observables, rho 0 |",
+                 "| observables, pCTR 0.01 |", "## Fewer impressions", "Machine: "]:
         assert what in text, what
     assert out.with_suffix(".png").stat().st_size > 10_000
     res = json.loads((tmp_path / "runs" / "esmm.json").read_text())
     run = res["results"]["observables"]["0"]["runs"][0]
     assert set(run) == set(chapter.MODELS)
     assert all(0 < run[m]["cvr_auc_entire"] < 1 for m in run)
+
+
+def test_the_chapter_names_each_world_and_the_command_that_makes_it(tmp_path):
+    """rho's sign picks the CVR relation; a missing data set's message is a command that
+    regenerates exactly the files --make-data would write."""
+    import shlex
+
+    from stage3_advanced import funnel
+    chapter = load_script("stage3_advanced/09_esmm.py")
+    args = chapter.parse_args(["--rows", "2000"])
+    cfg = chapter.world(args, "latent", rho=-0.5, ctr=0.01)
+    assert (cfg["cvr_relation"], cfg["task_corr"], cfg["ctr"]) == ("opposite", 0.5, 0.01)
+    assert chapter.world(args, "observables", rho=0.0)["cvr_relation"] == "independent"
+    assert chapter.world(args, "observables")["task_corr"] == 0.9
+    with pytest.raises(SystemExit) as stop:
+        funnel.ensure_data(tmp_path / "a", 2000, 3, cfg)
+    command = shlex.split(str(stop.value).split("`")[1])
+    assert command[:2] == ["python", "stage2_ctr/01_make_subset.py"]
+    make.main(command[2:] + ["--workers", "1"])
+    made = funnel.ensure_data(tmp_path / "b", 2000, 3, cfg, make=True)
+    given = Path(command[command.index("--out-dir") + 1])
+    assert given.name == made.name
+    for name in ["train.txt", "test.txt", "test.oracle.npy"]:
+        assert (given / name).read_bytes() == (made / name).read_bytes(), name
