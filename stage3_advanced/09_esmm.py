@@ -13,7 +13,7 @@ ESMM (Ma et al. 2018; stage2_ctr/models/esmm.py) with towers, MMoE or PLE under 
 Read with it: stage2_ctr/models/esmm.py, stage2_ctr/synthetic.py (the funnel, FUNNEL_ORACLE);
               funnel.py (the data sets, the scores against the oracle, the tables).
 Run:    python stage3_advanced/09_esmm.py --make-data --threads 2     # ~30 min on 2 cores
-        python stage3_advanced/09_esmm.py --quick --make-data         # 30k rows, ~1 min
+        python stage3_advanced/09_esmm.py --quick --make-data         # 30k rows, < 1 min
 Reads:  stage3_advanced/data/esmm_<rows>_<selection>_ctr.._cvr.._l.._<relation><rho>_d<seed>/
         (made by --make-data, or by python stage2_ctr/01_make_subset.py --synthetic N --tasks
         funnel ...: a missing one prints the whole command)
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: plain imports
 import common  # noqa: E402
-from common import mean_std, positive_int, write_json, write_text  # noqa: E402
+from common import positive_int, write_json, write_text  # noqa: E402
 from stage2_ctr import criteo  # noqa: E402
 from stage2_ctr.models import criteo_schema  # noqa: E402
 from stage2_ctr.models.esmm import ESMM, CVRView, Tower  # noqa: E402
@@ -45,7 +45,6 @@ REGIMES = {"observables": dict(selection="observables", ctr=0.03, ctr2=0.03),
            "latent": dict(selection="latent", ctr=0.03, ctr2=0.03),
            "latent_easy": dict(selection="latent", ctr=0.3, ctr2=0.3)}
 MODELS = ["naive_cvr", "naive_product", "esmm", "esmm_mmoe", "esmm_ple"]
-CURVE = ["naive_cvr", "esmm"]  # the learning curve's models
 
 
 def parse_args(argv=None):
@@ -55,8 +54,8 @@ def parse_args(argv=None):
                    default=500_000, help="rows per data set (8:1:1 split)")
     p.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     p.add_argument("--data-seeds", type=common.seed_list, default=[0, 1, 2],
-                   help="generator seeds (other features, weights, latent); latent_easy and "
-                        "the fewer-impressions curve use the first")
+                   help="generator seeds (other features, weights, latent); latent_easy uses "
+                        "the first")
     p.add_argument("--seeds", type=common.seed_list, default=[0, 1, 2, 3, 4])
     p.add_argument("--latent-std", type=common.non_negative_float, default=2.0,
                    help="weight of the unseen latent u in the logits (--latent-std of the data)")
@@ -74,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--curve-fracs", type=common.checked(float, lambda v: 0 < v < 1,
                                                         "fractions in (0, 1)", True),
                    default=[1 / 16, 1 / 4], help="fewer impressions: these shares of the train "
-                   "rows of observables, data seed 0")
+                   "rows of observables (same val and test rows), every data seed")
     p.add_argument("--data-root", default=str(HERE / "data"))
     p.add_argument("--make-data", action="store_true", help="generate missing data sets")
     p.add_argument("--hash-bits", type=common.hash_bits, default=18)
@@ -125,10 +124,12 @@ def build(args, name):
                 **{k: v for k, v in kw.items() if k != "tower"})
 
 
-def train(args, model, train_split, val_split, seed, desc, on_clicks=False):
-    """Every model stops early on its own validation AUCs (ESMM: pCTR on clicks, pCTCVR on
-    conversions) and keeps its best epoch: a fixed single epoch starved ESMM on small data."""
-    setup(args.threads, seed)
+def train(args, name, train_split, val_split, seed, desc, on_clicks=False):
+    """Seeded, built, then trained: every model stops early on its own validation AUCs (ESMM:
+    pCTR on clicks, pCTCVR on conversions) and keeps its best epoch (a fixed single epoch
+    starved ESMM on small data)."""
+    setup(args.threads, seed)  # before build: the initial weights depend on the seed only
+    model = build(args, name)
     info = fit(CTRInputs(model), train_split, val_split, bce, lr=args.lr,
                batch_size=args.click_batch_size if on_clicks else args.batch_size,
                epochs=args.click_epochs if on_clicks else args.epochs, patience=2, seed=seed,
@@ -141,22 +142,24 @@ def probs(model, inputs):
 
 
 def run_models(args, data, seed, models, tag):
-    """Train `models` on one data set and seed; naive_product reuses naive_cvr's pCVR."""
+    """Train `models` on one data set and seed; naive_product is naive_cvr's pCVR times a CTR
+    model's pCTR, so only its CTCVR is its own."""
     out, test = {}, data["test"]
     x_val, y_val, _ = data["val"]
     if {"naive_cvr", "naive_product"} & set(models):
-        cvr, info = train(args, build(args, "naive_cvr"), funnel.clicked(data["train"]),
+        cvr, info = train(args, "naive_cvr", funnel.clicked(data["train"]),
                           funnel.clicked(data["val"]), seed, f"{tag} naive_cvr s{seed}", True)
         pcvr = probs(cvr, test[0])
         out["naive_cvr"] = dict(funnel.score(test, pcvr, pcvr), best_epoch=info["best_epoch"],
                                 train_clicks=int(data["train"][1][:, 0].sum()))
     if "naive_product" in models:
         x, y, _ = data["train"]
-        ctr, _ = train(args, build(args, "naive_ctr"), (x, y[:, [0]]), (x_val, y_val[:, [0]]),
-                       seed, f"{tag} naive_ctr s{seed}")
-        out["naive_product"] = funnel.score(test, pcvr, probs(ctr, test[0]) * pcvr)
+        ctr, _ = train(args, "naive_ctr", (x, y[:, [0]]), (x_val, y_val[:, [0]]), seed,
+                       f"{tag} naive_ctr s{seed}")
+        both = funnel.score(test, pcvr, probs(ctr, test[0]) * pcvr)
+        out["naive_product"] = {"ctcvr_auc_entire": both["ctcvr_auc_entire"]}
     for name in [m for m in models if m.startswith("esmm")]:
-        model, info = train(args, build(args, name), data["train"][:2], (x_val, y_val), seed,
+        model, info = train(args, name, data["train"][:2], (x_val, y_val), seed,
                             f"{tag} {name} s{seed}")
         p = torch.sigmoid(predict_in_memory(CTRInputs(model), test[0])).numpy()
         out[name] = dict(funnel.score(test, probs(CVRView(model), test[0]), p[:, 1]),
@@ -167,7 +170,7 @@ def run_models(args, data, seed, models, tag):
 # ------------------------------------------------------------------------------------ report
 
 
-def report(args, argv, results, curve, wall_s):
+def report(args, argv, results, wall_s):
     lines = ["# Stage 3: the click -> conversion funnel, ESMM vs a CVR model trained on clicks",
              "", f"{args.rows:,} rows per data set (8:1:1), latent weight {args.latent_std:g}, "
              f"rho {args.task_corr:g} unless a row says otherwise; seeds "
@@ -177,51 +180,49 @@ def report(args, argv, results, curve, wall_s):
              f"(at most {args.epochs} epochs, naive CVR {args.click_epochs}). Entire-space AUCs "
              "are expected AUCs against the oracle's probabilities over all test impressions "
              "(each row a positive of weight p and a negative of weight 1 - p); clicked-rows AUC "
-             "uses the conversion labels. ± = std over training seeds (mean within a data set) "
-             "unless it says over data sets (generator seeds)."]
+             "uses the conversion labels. ± = population std over training seeds (mean within a "
+             "data set) unless it says over data sets (generator seeds). Fewer impressions: the "
+             "first share of the train rows, the same val and test rows."]
     lines += ["", "## Summary: ESMM - naive CVR, entire-space CVR AUC", ""]
     lines += common.markdown_table(
         ["setting", "data sets", "train clicks", "conversions per click", "naive CVR", "ESMM",
-         "ESMM - naive (over data sets)", "difference / larger seed std, per data set"],
+         "ESMM - naive (over data sets)", "difference / larger seed std, per data set",
+         "best epoch naive / ESMM: median (max)"],
         [funnel.summary_row(k, v) for k, v in results.items()])
     for regime in [r for r in results if r in REGIMES]:
         res = results[regime]
-        rates = next(iter(res.values()))["rates"]
-        lines += ["", f"## {regime}: {len(res)} data set(s); pCTR {rates['mean_pctr']:.3f}, "
-                  f"conversions {rates['mean_pctcvr']:.2%} of impressions, "
-                  f"{rates['cvr_among_clicks']:.1%} of clicks", ""]
-        lines += funnel.regime_table(res, MODELS)
+        rate = {k: np.mean([d["rates"][k] for d in res.values()]) for k in
+                ["mean_pctr", "mean_pctcvr", "cvr_among_clicks"]}
+        lines += ["", f"## {regime}: {len(res)} data set(s); pCTR {rate['mean_pctr']:.3f}, "
+                  f"conversions {rate['mean_pctcvr']:.2%} of impressions, "
+                  f"{rate['cvr_among_clicks']:.1%} of clicks (test rows, mean over data sets)",
+                  ""] + funnel.regime_table(res, MODELS)
         lines += ["", "ESMM - naive CVR, entire-space CVR AUC, per data set:", ""]
         lines += common.markdown_table(["data seed", "ESMM", "naive CVR", "difference",
                                         "larger seed std", "difference / std"],
                                        funnel.headline(res)[0])
-    if curve:
-        lines += ["", "## Fewer impressions: head of the train rows (observables, data seed "
-                  f"{args.data_seeds[0]}), entire-space CVR AUC", ""]
-        lines += common.markdown_table(
-            ["train rows", "train clicks", "naive CVR", "ESMM", "ESMM - naive"],
-            [[f"{c['rows']:,}", f"{c['clicks']:,}", mean_std(c["naive_cvr"]),
-              mean_std(c["esmm"]), f"{np.mean(c['esmm']) - np.mean(c['naive_cvr']):+.4f}"]
-             for c in curve])
     lines += ["", f"Command: `{common.command_line(__file__, argv)}` ({wall_s / 60:.1f} min, "
               f"device {args.device}).", common.machine_line(args.device, args.threads)]
     return "\n".join(lines) + "\n"
 
 
 def settings(args):
-    """(section, regime, data seed, models, generator settings) of every training job."""
+    """(section, data seed, models, generator settings, share of the train rows) per job."""
     jobs = []
     for regime in args.regimes:
         for ds in args.data_seeds[:1] if regime == "latent_easy" else args.data_seeds:
             models = (MODELS[:3] if regime == "latent_easy" else
-                      MODELS if ds == args.data_seeds[0] else CURVE)
-            jobs.append((regime, regime, ds, models, world(args, regime)))
+                      MODELS if ds == args.data_seeds[0] else funnel.PAIR)
+            jobs.append((regime, ds, models, world(args, regime), 1.0))
+            if regime == "observables":  # right after it: the data set is still in memory
+                jobs += [(f"observables, {frac:g} of the impressions", ds, funnel.PAIR,
+                          world(args, regime), frac) for frac in args.curve_fracs]
     if "observables" in args.regimes:
-        jobs += [(f"observables, rho {rho:g}", "observables", ds, CURVE,
-                  world(args, "observables", rho=rho))
+        jobs += [(f"observables, rho {rho:g}", ds, funnel.PAIR,
+                  world(args, "observables", rho=rho), 1.0)
                  for rho in args.sweep_corrs for ds in args.data_seeds]
-        jobs += [(f"observables, pCTR {ctr:g}", "observables", ds, CURVE,
-                  world(args, "observables", ctr=ctr))
+        jobs += [(f"observables, pCTR {ctr:g}", ds, funnel.PAIR,
+                  world(args, "observables", ctr=ctr), 1.0)
                  for ctr in args.curve_ctrs for ds in args.data_seeds]
     return jobs
 
@@ -229,44 +230,42 @@ def settings(args):
 @common.one_line_errors(FitError, criteo.CriteoFormatError)
 def main(argv=None):
     args = parse_args(argv)
+    if Path(args.out).is_dir():
+        sys.exit(f"error: --out {args.out} is a folder: give the path of a .md file")
     for folder, flag in [(Path(args.out).parent, "--out"), (args.runs_dir, "--runs-dir")]:
         common.check_writable(folder, flag)
-    setup(args.threads, args.seeds[0])  # torch seeds itself at random: the first model's init
-    t0, results, curve = time.perf_counter(), {}, []
-    for section, regime, ds, models, cfg in settings(args):
+    t0, results, loaded = time.perf_counter(), {}, (None, None)
+    for section, ds, models, cfg, share in settings(args):
         folder = funnel.ensure_data(args.data_root, args.rows, ds, cfg, args.make_data)
-        data = funnel.load_funnel(folder, args.hash_bits)
+        if loaded[0] != folder:  # the impressions curve reuses the data set just read
+            loaded = folder, funnel.load_funnel(folder, args.hash_bits)
+        data = loaded[1]
+        if share < 1:
+            n = int(len(data["train"][1]) * share)
+            data = dict(data, train=funnel.head(data["train"], n))
         meta = json.loads((folder / "meta.json").read_text())
         res = {"rates": meta["splits"]["test"]["funnel"],
-               "oracles": funnel.oracle_rows(data["test"]),
-               "generator": cfg, "runs": [run_models(args, data, s, models, f"{section} d{ds}")
-                                          for s in args.seeds]}
+               "oracles": funnel.oracle_rows(data["test"]), "generator": cfg,
+               "train_rows": len(data["train"][1]),
+               "runs": [run_models(args, data, s, models, f"{section} d{ds}") for s in args.seeds]}
         results.setdefault(section, {})[ds] = res
         print(f"{section} d{ds}: " + ", ".join(
             f"{m} {np.mean([r[m]['cvr_auc_entire'] for r in res['runs']]):.4f}"
-            for m in res["runs"][0]) + " (entire-space CVR AUC)")
-        if section == "observables" and ds == args.data_seeds[0]:
-            n = len(data["train"][1])
-            for frac in args.curve_fracs:
-                part = dict(data, train=funnel.head(data["train"], int(n * frac)))
-                runs = [run_models(args, part, s, CURVE, f"fewer impressions {frac:g}")
-                        for s in args.seeds]
-                curve.append({"rows": int(n * frac), "clicks": runs[0]["naive_cvr"][
-                    "train_clicks"], **{m: [r[m]["cvr_auc_entire"] for r in runs] for m in CURVE}})
-            curve.append({"rows": n, "clicks": res["runs"][0]["naive_cvr"]["train_clicks"],
-                          **{m: [r[m]["cvr_auc_entire"] for r in res["runs"]] for m in CURVE}})
+            for m in MODELS if "cvr_auc_entire" in res["runs"][0].get(m, {}))
+              + " (entire-space CVR AUC)")
     wall = time.perf_counter() - t0
-    table = report(args, argv, results, curve, wall)
+    table = report(args, argv, results, wall)
     out = Path(args.out)
     write_text(out, table)
-    funnel.plot(results, curve, out.with_suffix(".png"), MODELS,
-                [r for r in results if r in REGIMES])
-    write_json(Path(args.runs_dir) / (out.stem + ".json"),
+    funnel.plot(results, out.with_suffix(".png"), MODELS, [r for r in results if r in REGIMES])
+    # a --quick or partial run keeps its JSON apart from the default run's
+    name = out.stem + ("" if out.parent == common.RESULTS else f"_{out.parent.name}")
+    write_json(Path(args.runs_dir) / f"{name}.json",
                {"script": "stage3_advanced/09_esmm.py", "command": common.command_line(
                    __file__, argv), "config": {k: str(v) if k == "device" else v
                                                for k, v in vars(args).items()},
                 "results": {k: {str(d): r for d, r in v.items()} for k, v in results.items()},
-                "curve": curve, "wall_s": wall})
+                "wall_s": wall})
     print(table)
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

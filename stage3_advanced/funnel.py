@@ -1,4 +1,4 @@
-"""The harness of stage3_advanced/09_esmm.py: funnel data sets (generated when missing, read with
+"""The harness of stage3_advanced/09_esmm.py: funnel data sets (generated on request, read with
 the reader's funnel bad-row rule and lined up row by row with their oracle file), one model's
 scores against the oracle over the entire space, and the report's tables and plot. The lesson
 (which worlds, which models, what the tables say) is in the chapter; this module only measures.
@@ -17,17 +17,25 @@ from stage2_ctr import criteo, synthetic, train_stats
 # columns of FUNNEL_ORACLE: pCVR given x and u; E[pCVR given x]; P(conversion given x, click)
 ORACLES = {"oracle (sees u)": 1, "best from x": 3, "clicked-rows target": 4}
 PAIR = ["esmm", "naive_cvr"]  # the headline difference: ESMM - the CVR model on clicks
+SPLITS = ["train", "val", "test"]
+
+
+def folder_of(root, rows, data_seed, cfg):
+    """Where one funnel data set lives: its name says its generator settings."""
+    return Path(root) / (
+        f"esmm_{rows}_{cfg['selection']}_ctr{cfg['ctr']:g}_cvr{cfg['ctr2']:g}_l"
+        f"{cfg['latent_std']:g}_{cfg['cvr_relation']}{cfg['task_corr']:g}_d{data_seed}")
 
 
 def ensure_data(root, rows, data_seed, cfg, make=False):
     """The folder of one funnel data set (cfg: SyntheticConfig fields), generated if `make`."""
-    folder = Path(root) / (
-        f"esmm_{rows}_{cfg['selection']}_ctr{cfg['ctr']:g}_cvr{cfg['ctr2']:g}_l"
-        f"{cfg['latent_std']:g}_{cfg['cvr_relation']}{cfg['task_corr']:g}_d{data_seed}")
+    folder = folder_of(root, rows, data_seed, cfg)
     cfg = synthetic.SyntheticConfig(rows=rows, seed=data_seed, tasks="funnel", **cfg)
-    if not (folder / "meta.json").exists():
+    files = ["meta.json"] + [f"{s}{e}" for s in SPLITS for e in (".txt", ".oracle.npy")]
+    missing = [f for f in files if not (folder / f).exists()]
+    if missing:
         if not make:
-            sys.exit(f"error: {folder}/meta.json not found: add --make-data, or run `python "
+            sys.exit(f"error: {folder}/{missing[0]} not found: add --make-data, or run `python "
                      f"stage2_ctr/01_make_subset.py --synthetic {cfg.rows} --seed {cfg.seed} "
                      f"--tasks funnel --selection {cfg.selection} --ctr {cfg.ctr:g} --ctr2 "
                      f"{cfg.ctr2:g} --latent-std {cfg.latent_std:g} --task-corr {cfg.task_corr:g}"
@@ -42,7 +50,7 @@ def load_funnel(folder, hash_bits):
     match with the oracle file, so it stops the run with the file and the first bad lines."""
     stats = train_stats.fit_stats([folder / "train.txt"], n_labels=2)
     out = {}
-    for split in ["train", "val", "test"]:
+    for split in SPLITS:
         path = folder / f"{split}.txt"
         stream = criteo.CriteoStream([path], 1 << 16, hash_bits, dense_stats=stats,
                                      n_labels=2, funnel=True)
@@ -50,7 +58,15 @@ def load_funnel(folder, hash_bits):
         if stream.stats["bad_rows"]:
             raise criteo.CriteoFormatError("; ".join(criteo.describe_bad_rows(
                 stream.stats["files"])) + ": the oracle no longer lines up, regenerate it")
-        oracle = np.load(folder / f"{split}.oracle.npy", allow_pickle=False)
+        file = folder / f"{split}.oracle.npy"
+        try:
+            oracle = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise criteo.CriteoFormatError(f"{file}: unreadable ({e}): regenerate the data set")
+        if oracle.shape != (len(y), len(synthetic.FUNNEL_ORACLE)):
+            raise criteo.CriteoFormatError(
+                f"{file}: shape {oracle.shape}, but {path.name} has {len(y):,} rows and the "
+                f"funnel oracle {len(synthetic.FUNNEL_ORACLE)} columns: regenerate the data set")
         out[split] = ({"dense": dense, "sparse": sparse}, y, oracle)
     return out
 
@@ -61,10 +77,11 @@ def head(split, n):
     return {k: v[:n] for k, v in x.items()}, y[:n], o[:n]
 
 
-def clicked(split, label=1):
+def clicked(split):
+    """The clicked rows of a split with their conversion label: the naive CVR model's data."""
     x, y, _ = split
     keep = y[:, 0] == 1
-    return {k: v[keep] for k, v in x.items()}, y[keep][:, [label]]
+    return {k: v[keep] for k, v in x.items()}, y[keep][:, [1]]
 
 
 def score(test, pcvr, pctcvr):
@@ -91,7 +108,7 @@ def vals_of(res, model, key):
     """One array of a metric per data set that ran `model` (an oracle: one value each)."""
     if model in ORACLES:
         return [np.array([d["oracles"][model].get(key, np.nan)]) for d in res.values()]
-    return [np.array([r[model][key] for r in d["runs"]]) for d in res.values()
+    return [np.array([r[model].get(key, np.nan) for r in d["runs"]]) for d in res.values()
             if model in d["runs"][0]]
 
 
@@ -113,8 +130,9 @@ def regime_table(res, models):
                          f"{np.mean(np.concatenate(v)):.4f}" if m in ORACLES else
                          f"{np.mean(np.concatenate(v)):.4f} ± {np.mean([x.std() for x in v]):.4f}")
         where = "" if len(ran) == len(res) else f" (data seed {', '.join(map(str, ran))})"
-        rows.append([m + where, cells[0], cells[1],
-                     f"{best_x - np.mean(np.concatenate(sets)):+.4f}", cells[2], cells[3]])
+        gap = best_x - np.mean(np.concatenate(sets))
+        rows.append([m + where, cells[0], cells[1], "-" if np.isnan(gap) else f"{gap:+.4f}",
+                     cells[2], cells[3]])
     return common.markdown_table(["model", "CVR AUC, clicked test rows", "CVR AUC, entire space",
                                   "gap to best from x", "pCVR mean / true mean",
                                   "CTCVR AUC, entire space"], rows)
@@ -123,33 +141,45 @@ def regime_table(res, models):
 def headline(res):
     """ESMM - naive entire-space CVR AUC per data set (mean over seeds, the larger of the two
     seed stds), then over data sets: the mean difference ± its std across generator seeds."""
-    rows, diffs = [], []
+    rows, means = [], []
     for ds, d in res.items():
         e, n = (np.array([r[m]["cvr_auc_entire"] for r in d["runs"]]) for m in PAIR)
-        std, diffs = max(e.std(), n.std()), diffs + [e.mean() - n.mean()]
-        rows.append([ds, f"{e.mean():.4f}", f"{n.mean():.4f}", f"{diffs[-1]:+.4f}",
-                     f"{std:.4f}", f"{diffs[-1] / std:+.1f}x" if std > 0 else "-"])
-    return rows, diffs
+        std, means = max(e.std(), n.std()), means + [(e.mean(), n.mean())]
+        rows.append([ds, f"{e.mean():.4f}", f"{n.mean():.4f}", f"{e.mean() - n.mean():+.4f}",
+                     f"{std:.4f}", f"{(e.mean() - n.mean()) / std:+.1f}x" if std > 0 else "-"])
+    return rows, np.array(means)  # means: (data sets, 2) [ESMM, naive]
 
 
 def summary_row(section, res):
     """One line per setting: ESMM vs naive over data sets, and per data set in seed stds."""
-    rows, diffs = headline(res)
+    rows, means = headline(res)
+    diffs = means[:, 0] - means[:, 1]
     clicks = np.mean([d["runs"][0]["naive_cvr"]["train_clicks"] for d in res.values()])
     rate = np.mean([d["rates"]["cvr_among_clicks"] for d in res.values()])
-    return [section, len(res), f"{clicks:,.0f}", f"{rate:.1%}"] + [
-        f"{np.mean([float(r[k]) for r in rows]):.4f}" for k in (2, 1)] + [
-        f"{np.mean(diffs):+.4f} ± {np.std(diffs):.4f}", ", ".join(r[5] for r in rows)]
+    epochs = [np.array([r[m]["best_epoch"] for d in res.values() for r in d["runs"]])
+              for m in PAIR[::-1]]
+    return [section, len(res), f"{clicks:,.0f}", f"{rate:.1%}", f"{means[:, 1].mean():.4f}",
+            f"{means[:, 0].mean():.4f}", f"{diffs.mean():+.4f}" + (
+                f" ± {diffs.std():.4f}" if len(diffs) > 1 else ""),
+            ", ".join(r[5] for r in rows),
+            " / ".join(f"{np.median(e):g} ({e.max()})" for e in epochs)]
 
 
-def plot(results, curve, path, models, regimes):
+def plot(results, path, models, regimes):
+    """Left: each model's entire-space CVR AUC per regime with the two oracles; right: ESMM -
+    naive against the clicks, fewer clicks per impression vs fewer impressions."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    models = [m for m in models if any(not np.isnan(np.concatenate(vals_of(
+        results[r], m, "cvr_auc_entire") or [[np.nan]])).all() for r in regimes)]
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         means = [np.mean(np.concatenate(vals_of(results[r], m, "cvr_auc_entire") or [[np.nan]]))
                  for r in regimes]
-        axes[0].bar(np.arange(len(regimes)) + i * width, means, width, label=m)
+        part = any(len(vals_of(results[r], m, "cvr_auc_entire")) < len(results[r])
+                   for r in regimes)
+        axes[0].bar(np.arange(len(regimes)) + i * width, means, width,
+                    label=m + (" (first data set)" if part else ""))
     for name, style in zip(list(ORACLES)[1:], ["k--", "k:"]):
         for j, r in enumerate(regimes):
             v = np.mean(np.concatenate(vals_of(results[r], name, "cvr_auc_entire")))
@@ -158,19 +188,21 @@ def plot(results, curve, path, models, regimes):
     axes[0].set_xticks(np.arange(len(regimes)) + 0.4 - width / 2, regimes)
     axes[0].set(ylim=(0.5, None), ylabel="entire-space CVR AUC", title="CVR over all impressions")
     axes[0].legend(fontsize=7)
-    per_rate = [(np.mean([d["runs"][0]["naive_cvr"]["train_clicks"] for d in res.values()]),
-                 headline(res)[1]) for k, res in results.items()
-                if k == "observables" or k.startswith("observables, pCTR")]
-    lines = [("fewer clicks per impression (all impressions; std over data sets)", per_rate),
-             ("fewer impressions (data seed 0; std over seeds)",
-              [(c["clicks"], np.subtract(*(c[m] for m in PAIR))) for c in curve])]
-    for label, points in lines:
-        if points:
+    for label, key in [("fewer clicks per impression (all impressions)", "pCTR"),
+                       ("fewer impressions (the same click rate)", "of the impressions")]:
+        points = []
+        for k, res in results.items():
+            if k == "observables" or (k.startswith("observables,") and key in k):
+                means = headline(res)[1]
+                points.append((np.mean([d["runs"][0]["naive_cvr"]["train_clicks"]
+                                        for d in res.values()]), means[:, 0] - means[:, 1]))
+        if len(points) > 1:
             x, d = zip(*sorted(points, key=lambda t: t[0]))
-            axes[1].errorbar(x, [np.mean(v) for v in d], [np.std(v) for v in d], marker="o",
+            axes[1].errorbar(x, [v.mean() for v in d], [v.std() for v in d], marker="o",
                              capsize=3, label=label)
     axes[1].axhline(0, color="k", lw=0.5)
-    axes[1].set(xscale="log", xlabel="clicked train rows", ylabel="ESMM - naive CVR AUC",
+    axes[1].set(xscale="log", xlabel="clicked train rows (mean over data sets)",
+                ylabel="ESMM - naive CVR AUC (± std over data sets)",
                 title="data sparsity (observables)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()

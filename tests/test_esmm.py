@@ -2,6 +2,8 @@
 bad-row rule, ESMM's loss against a per-row loop, and stage3_advanced/09_esmm.py end to end."""
 import json
 import math
+import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from stage2_ctr import criteo, synthetic
 from stage2_ctr.models import criteo_schema
 from stage2_ctr.models.esmm import ESMM, CVRView, product_logit
 from stage2_ctr.training import bce
+from stage3_advanced import funnel
 
 make = load_script("stage2_ctr/01_make_subset.py")
 
@@ -130,21 +133,45 @@ def test_the_esmm_chapter_quick_end_to_end(tmp_path):
     text = out.read_text()
     for what in ["## observables", "| esmm |", "| esmm_ple |", "| naive_cvr |",
                  "| best from x |", "## Summary", "| observables, rho 0 |",
-                 "| observables, pCTR 0.01 |", "## Fewer impressions", "Machine: "]:
+                 "| observables, pCTR 0.01 |", "| observables, 0.25 of the impressions |",
+                 "Machine: "]:
         assert what in text, what
     assert out.with_suffix(".png").stat().st_size > 10_000
-    res = json.loads((tmp_path / "runs" / "esmm.json").read_text())
+    res = json.loads((tmp_path / "runs" / "esmm_out.json").read_text())
     run = res["results"]["observables"]["0"]["runs"][0]
     assert set(run) == set(chapter.MODELS)
-    assert all(0 < run[m]["cvr_auc_entire"] < 1 for m in run)
+    assert all(0 < run[m]["cvr_auc_entire"] < 1 for m in run if m != "naive_product")
+    assert set(run["naive_product"]) == {"ctcvr_auc_entire"}  # its pCVR is naive_cvr's
+
+
+def test_a_model_scores_the_same_whatever_ran_before_it(funnel_dir):
+    """Each model is seeded before it is built: a cell of the results file is reproduced by a
+    partial run, whichever jobs ran before it in the full one."""
+    chapter = load_script("stage3_advanced/09_esmm.py")
+    args = chapter.parse_args(["--quick", "--hash-bits", "12", "--threads", "1"])
+    data = funnel.load_funnel(funnel_dir, 12)
+    alone = chapter.run_models(args, data, 0, ["naive_cvr"], "alone")
+    chapter.run_models(args, data, 1, ["esmm"], "before")
+    assert chapter.run_models(args, data, 0, ["naive_cvr"], "after") == alone
+
+
+def test_a_broken_funnel_data_set_is_one_line(funnel_dir, tmp_path):
+    cfg = dict(selection="latent", ctr=0.3, ctr2=0.3, latent_std=2.0, task_corr=0.5,
+               cvr_relation="shared")
+    folder = funnel.folder_of(tmp_path, 6000, 0, cfg)
+    shutil.copytree(funnel_dir, folder)
+    oracle = np.load(folder / "val.oracle.npy")
+    np.save(folder / "val.oracle.npy", oracle[:-3])
+    with pytest.raises(criteo.CriteoFormatError, match=r"val\.oracle\.npy: shape"):
+        funnel.load_funnel(folder, 12)
+    (folder / "train.txt").unlink()
+    with pytest.raises(SystemExit, match="train.txt not found"):
+        funnel.ensure_data(tmp_path, 6000, 0, cfg)
 
 
 def test_the_chapter_names_each_world_and_the_command_that_makes_it(tmp_path):
     """rho's sign picks the CVR relation; a missing data set's message is a command that
     regenerates exactly the files --make-data would write."""
-    import shlex
-
-    from stage3_advanced import funnel
     chapter = load_script("stage3_advanced/09_esmm.py")
     args = chapter.parse_args(["--rows", "2000"])
     cfg = chapter.world(args, "latent", rho=-0.5, ctr=0.01)
