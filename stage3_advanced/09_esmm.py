@@ -18,7 +18,7 @@ Reads:  stage3_advanced/data/esmm_<rows>_<selection>_ctr.._cvr.._l.._<relation><
         (made by --make-data, or by python stage2_ctr/01_make_subset.py --synthetic N --tasks
         funnel ...: a missing one prints the whole command)
 Writes: results/stage3_esmm.md + .png (default run only; --quick: runs/quick/, other flags:
-        runs/partial/), runs/stage3_esmm.json
+        runs/partial/), runs/stage3_esmm.json (--quick: stage3_esmm_quick.json, and so on)
 """
 import argparse
 import json
@@ -40,7 +40,8 @@ from stage2_ctr.training import CTRInputs, FitError, bce, fit, predict_in_memory
 from stage3_advanced import funnel  # noqa: E402
 from stage3_advanced.stage3_common import HERE, setup  # noqa: E402
 
-# regime -> generator settings; "realistic" rates give 0.3-0.7% conversions per impression
+# regime -> generator settings: at rho 0.9, 0.7% (observables) and 1.1% (latent) conversions
+# per impression, about 0.35% and 0.14% at the click rates 0.01 and 0.003; "easy": 19%
 REGIMES = {"observables": dict(selection="observables", ctr=0.03, ctr2=0.03),
            "latent": dict(selection="latent", ctr=0.03, ctr2=0.03),
            "latent_easy": dict(selection="latent", ctr=0.3, ctr2=0.3)}
