@@ -169,8 +169,6 @@ def run_models(args, data, seed, models, tag):
 
 
 # ------------------------------------------------------------------------------------ report
-
-
 def report(args, argv, results, wall_s):
     lines = ["# Stage 3: the click -> conversion funnel, ESMM vs a CVR model trained on clicks",
              "", f"{args.rows:,} rows per data set (8:1:1), latent weight {args.latent_std:g}, "
