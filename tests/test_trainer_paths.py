@@ -6,9 +6,7 @@ import errno
 import hashlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, load_script, one_line_exit
+from conftest import ROOT, crash_report, ddp_env, free_port, load_script, one_line_exit
 
 import common
 from stage2_ctr import binary_cache, criteo, run_state, train_ctr
@@ -87,31 +85,14 @@ def test_resume_on_a_changed_train_file_refuses_instead_of_looping(data, tmp_pat
 
 
 # ---------------------------------------------------- issue 19, 3 + issue 25, 4: DDP, 2 ranks
-def free_port(n=4):
-    """The first of n consecutive free ports (one per run of a rank), below the kernel's
-    ephemeral range (32768-60999 by default): a port from that range can be taken, between this
-    check and a later run's bind, by the ranks' own outgoing connections - rank 0 then cannot
-    listen and rank 1 waits for it until the test's timeout (seen once in a fresh-clone run)."""
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    while True:
-        first = random.randrange(max(1024, low - 12000), low - n)
-        try:
-            for k in range(n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", first + k))
-            return first
-        except OSError:
-            continue
-
-
 def run_ranks(tmp_path, runs, world=2, timeout=150):
     """Every command line of `runs` on `world` gloo ranks; per rank the list of results."""
-    port, out = free_port(), tmp_path / "ranks"
+    port, out = free_port(4), tmp_path / "ranks"  # one port per run
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        env = ddp_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
         procs.append(subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "ddp_ranks.py"), str(out), "--",
              " ; ".join(" ".join(r) for r in runs)], env=env, stdout=subprocess.PIPE,
@@ -124,7 +105,8 @@ def run_ranks(tmp_path, runs, world=2, timeout=150):
         for p in procs:
             p.kill()
         pytest.fail("DDP ranks did not finish in time (a hang)")
-    assert all(p.returncode == 0 for p in procs), logs
+    assert all(p.returncode == 0 for p in procs), next(filter(None, map(crash_report, logs)),
+                                                       logs)
     return [json.loads((tmp_path / f"ranks.{r}.json").read_text()) for r in range(world)], logs
 
 
