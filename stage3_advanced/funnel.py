@@ -150,6 +150,21 @@ def headline(res):
     return rows, np.array(means)  # means: (data sets, 2) [ESMM, naive]
 
 
+def versus_esmm(res, models):
+    """Each other model - ESMM per data set (mean over seeds; naive_product: its CTCVR AUC
+    against ESMM's, the only score of its own), then over data sets: mean ± std."""
+    rows = []
+    for m in [m for m in models if m not in PAIR]:
+        key = "ctcvr_auc_entire" if m == "naive_product" else "cvr_auc_entire"
+        diffs = [np.mean([r[m][key] - r["esmm"][key] for r in d["runs"]]) for d in res.values()
+                 if m in d["runs"][0]]
+        if diffs:
+            rows.append([m, key.replace("_auc_entire", "").upper()] + [
+                f"{v:+.4f}" for v in diffs] + [f"{np.mean(diffs):+.4f}" + (
+                    f" ± {np.std(diffs):.4f}" if len(diffs) > 1 else "")])
+    return rows
+
+
 def summary_row(section, res):
     """One line per setting: ESMM vs naive over data sets, and per data set in seed stds."""
     rows, means = headline(res)

@@ -142,6 +142,11 @@ def test_the_esmm_chapter_quick_end_to_end(tmp_path):
     assert set(run) == set(chapter.MODELS)
     assert all(0 < run[m]["cvr_auc_entire"] < 1 for m in run if m != "naive_product")
     assert set(run["naive_product"]) == {"ctcvr_auc_entire"}  # its pCVR is naive_cvr's
+    # each model against ESMM on the same data set and seeds: CVR, naive_product's CTCVR
+    runs = res["results"]["observables"]["0"]["runs"]
+    for m, key in [("esmm_ple", "cvr_auc_entire"), ("naive_product", "ctcvr_auc_entire")]:
+        diff = np.mean([r[m][key] - r["esmm"][key] for r in runs])
+        assert f"| {m} | {key[:-11].upper()} | {diff:+.4f} | {diff:+.4f} |" in text
 
 
 def test_a_model_scores_the_same_whatever_ran_before_it(funnel_dir):
