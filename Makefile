@@ -29,7 +29,7 @@ help:
 	@echo "make test    run the test suite (creates .venv on first use)"
 	@echo "make stage1  Stage 1 in full: the encoding table, the wB trade-off sweep, DataLoader tuning (~22 min)"
 	@echo "make stage2  Stage 2 in full: crosses per regime, the MLP probe, MovieLens, benchmarks, the one-epoch phenomenon, sparse vs dense (~155 min)"
-	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency, user history, ESMM (~145 min)"
+	@echo "make stage3  Stage 3 in full: MMoE/PLE, task correlation, imbalance, throughput, latency, user history, ESMM (~175 min)"
 	@echo "make gpu     the prepared GPU run (CUDA machines; estimated ~10 GB disk, ~12 GB RAM, ~8 GB GPU memory):"
 	@echo "             check_env --require-cuda, 07_gpu.py -> results/gpu.md, then Stage 1 06 and"
 	@echo "             Stage 3 06 on --device cuda -> results/*_cuda.md (CPU tables stay)"

@@ -12,7 +12,7 @@ ESMM (Ma et al. 2018; stage2_ctr/models/esmm.py) with towers, MMoE or PLE under 
 
 Read with it: stage2_ctr/models/esmm.py, stage2_ctr/synthetic.py (the funnel, FUNNEL_ORACLE);
               funnel.py (the data sets, the scores against the oracle, the tables).
-Run:    python stage3_advanced/09_esmm.py --make-data --threads 2     # ~30 min on 2 cores
+Run:    python stage3_advanced/09_esmm.py --make-data --threads 2     # ~55 min on 2 cores
         python stage3_advanced/09_esmm.py --quick --make-data         # 30k rows, < 1 min
 Reads:  stage3_advanced/data/esmm_<rows>_<selection>_ctr.._cvr.._l.._<relation><rho>_d<seed>/
         (made by --make-data, or by python stage2_ctr/01_make_subset.py --synthetic N --tasks
