@@ -191,8 +191,8 @@ def plot(results, path, models, regimes):
     for i, m in enumerate(models):
         means = [np.mean(np.concatenate(vals_of(results[r], m, "cvr_auc_entire") or [[np.nan]]))
                  for r in regimes]
-        part = any(len(vals_of(results[r], m, "cvr_auc_entire")) < len(results[r])
-                   for r in regimes)
+        part = any(0 < len(vals_of(results[r], m, "cvr_auc_entire")) < len(results[r])
+                   for r in regimes)  # ran on some data sets of a regime, not on all
         axes[0].bar(np.arange(len(regimes)) + i * width, means, width,
                     label=m + (" (first data set)" if part else ""))
     for name, style in zip(list(ORACLES)[1:], ["k--", "k:"]):
